@@ -1,0 +1,1 @@
+"""Entry points: torchrun / Slurm launch and Hugging Face conversion."""

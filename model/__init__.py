@@ -1,0 +1,1 @@
+"""Model definitions: configs and presets, vision encoder, mergers, MRoPE, the Qwen3 LLM, HF adapters."""

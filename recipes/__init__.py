@@ -1,0 +1,1 @@
+"""Hydra recipes, one per pretraining stage (data, not code)."""

@@ -1,0 +1,1 @@
+"""The four pretraining stages: configuration, loss, loop, checkpoints, metrics."""
