@@ -1,0 +1,134 @@
+"""The Qwen3-VL model on megatron-core: one pipeline stage (or the whole model) of it.
+
+First stage (``pre_process``): token embedding, the vision tower and mergers; merged visual features
+replace the embeddings at visual positions, and the DeepStack features go to LLM layers 0, 1, 2 (all on
+this stage). Every stage: interleaved MRoPE from the 3-row position ids (each stage gets them), the
+stage's Qwen3 decoder layers. Last stage (``post_process``): final RMSNorm, vocab-parallel output layer
+(tied to the embedding for 2B/4B), and per-token vocab-parallel cross entropy when labels are given.
+
+Input contract (one packed THD row, context-parallel local; see ``qwen3vl.parallel.context_parallel
+.model_inputs``): input_ids [T], position_ids [3, T], packed_seq_params (global cu_seqlens),
+pixel_values [N, 1536] and grid_thw [M, 3] of the *whole* row's media, visual_index [T] (k for the row's
+k-th visual token, -1 for text), labels [T] or None. Returns the per-token loss [T] fp32 (0 where the label
+is IGNORE_INDEX) when labels are given, else the logits [T, vocab / TP] (this rank's vocabulary slice);
+stages other than the last return their output hidden states for the pipeline schedule.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from qwen3vl.data.batch import IGNORE_INDEX
+from qwen3vl.model.config import Qwen3VLConfig
+from qwen3vl.model.deepstack import deepstack_context
+from qwen3vl.model.embedding import TokenEmbedding
+from qwen3vl.model.llm_spec import qwen3_block_spec
+from qwen3vl.model.mrope import InterleavedMRoPE
+from qwen3vl.model.padding import moe_padding_mask
+from qwen3vl.model.vision_encoder import VisionEncoder
+
+
+class Qwen3VLModel(LanguageModule):
+    def __init__(self, config: Qwen3VLConfig, transformer_config: TransformerConfig,
+                 vision_transformer_config: Optional[TransformerConfig] = None, pre_process: bool = True,
+                 post_process: bool = True, vp_stage: Optional[int] = None, attention_backend: str = "auto") -> None:
+        super().__init__(config=transformer_config)
+        if pre_process and vision_transformer_config is None:
+            raise ValueError("the first pipeline stage builds the vision tower: pass vision_transformer_config")
+        self.model_config = config
+        self.model_type = ModelType.encoder_or_decoder  # what megatron's pipeline schedules look up
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vp_stage = vp_stage
+        self.share_embeddings_and_output_weights = config.tie_word_embeddings
+        text = config.text
+        if pre_process:
+            self.embedding = TokenEmbedding(transformer_config, text.vocab_size)
+            self.vision = VisionEncoder(config.vision, vision_transformer_config, attention_backend)
+        self.rotary = InterleavedMRoPE(text.head_dim, text.rope_theta, text.mrope_section)
+        self.decoder = TransformerBlock(
+            transformer_config, qwen3_block_spec(config, transformer_config, vp_stage, attention_backend),
+            pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+        if pre_process and config.vision.deepstack_visual_indexes and len(self.decoder.layers) < config.num_deepstack_layers:
+            raise ValueError(f"this first pipeline stage has {len(self.decoder.layers)} LLM layers but DeepStack "
+                             f"needs layers 0..{config.num_deepstack_layers - 1} on it: give the first stage more "
+                             "layers (pipeline_layers)")
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                text.hidden_size, text.vocab_size, config=transformer_config, init_method=transformer_config.init_method,
+                bias=False, skip_bias_add=False, gather_output=False,
+                skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights)
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand the previous stage's output here (a list of one tensor)."""
+        if isinstance(input_tensor, list):
+            assert len(input_tensor) == 1, "Qwen3VLModel takes one input tensor per stage"
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    # --- first stage --------------------------------------------------------------------------------
+    def _encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        if parallel_state.get_context_parallel_world_size() > 1:
+            from qwen3vl.parallel.context_parallel import encode_vision_across_cp
+            return encode_vision_across_cp(self.vision, pixel_values, grid_thw,
+                                           spatial_merge_size=self.model_config.vision.spatial_merge_size)
+        return self.vision(pixel_values, grid_thw)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor], grid_thw: Optional[torch.Tensor],
+              visual_index: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Decoder input [T(/TP), 1, H] and the DeepStack context [J, T(/TP), 1, H] (None without media)."""
+        hidden = self.embedding(input_ids)  # [T, H]
+        context = None
+        if grid_thw is not None and grid_thw.numel() > 0:
+            if visual_index is None:
+                raise ValueError("pixel_values given without visual_index (the ordinal of each visual token; "
+                                 "see qwen3vl.parallel.context_parallel.model_inputs)")
+            features, deepstack = self._encode_vision(pixel_values, grid_thw)
+            positions = torch.nonzero(visual_index >= 0).squeeze(1)
+            ordinals = visual_index[positions]
+            hidden = hidden.index_copy(0, positions, features[ordinals].to(hidden.dtype))
+            context = deepstack_context([d[ordinals].to(hidden.dtype) for d in deepstack], positions,
+                                        hidden.shape[0], self.config.sequence_parallel)
+        hidden = hidden.unsqueeze(1)  # [T, 1, H]: megatron's [s, b, h] with the THD dummy batch
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+        return hidden, context
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                packed_seq_params: Optional[PackedSeqParams] = None, pixel_values: Optional[torch.Tensor] = None,
+                grid_thw: Optional[torch.Tensor] = None, visual_index: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, decoder_input: Optional[torch.Tensor] = None,
+                loss_token_counts: Optional[torch.Tensor] = None, mm_token_type_ids: Optional[torch.Tensor] = None,
+                gather_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """See the module docstring. ``gather_index`` (global row of each local row) lets MoE routers leave
+        padding out of the load-balancing loss. ``loss_token_counts`` and ``mm_token_type_ids`` are accepted and
+        unused so that ``model(**model_inputs(batch))`` works; the loss function uses them."""
+        cos_sin = self.rotary(position_ids)
+        context = None
+        if self.pre_process and decoder_input is None:
+            decoder_input, context = self.embed(input_ids, pixel_values, grid_thw, visual_index)
+        padding = None
+        if self.model_config.is_moe and packed_seq_params is not None:
+            padding = moe_padding_mask(packed_seq_params, input_ids.shape[0], gather_index,
+                                       self.config.sequence_parallel)
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, context=context,
+                              rotary_pos_emb=cos_sin, packed_seq_params=packed_seq_params, padding_mask=padding)
+        if not self.post_process:
+            return hidden
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight)  # [T, 1, V/TP]
+        if labels is None:
+            return logits.squeeze(1)
+        ignored = labels == IGNORE_INDEX
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.masked_fill(ignored, 0).unsqueeze(1))
+        return loss.squeeze(1).float().masked_fill(ignored, 0.0)
