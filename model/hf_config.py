@@ -36,6 +36,9 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> Qwen3VLConfig:
     text, vision = hf["text_config"], hf["vision_config"]
     theta, section = _text_rope(text)
     moe = {k: text[k] for k in _MOE_KEYS if k in text}
+    # transformers 5.x save_pretrained writes the expert count under its alias num_local_experts.
+    if "num_experts" not in moe and "num_local_experts" in text:
+        moe["num_experts"] = text["num_local_experts"]
     if "mlp_only_layers" in text:
         moe["mlp_only_layers"] = tuple(text["mlp_only_layers"] or ())
     text_config = TextConfig(

@@ -25,3 +25,6 @@ def test_no_generic_top_level_package_is_installed(tmp_path):
     probe = f"import importlib.util as u; print([n for n in {names!r} if u.find_spec(n)])"
     found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[]", f"generic packages leaked into site-packages: {found.stdout}"
+def test_stage_recipes_ship_as_package_data():
+    names = {p.name for p in (REPO / "recipes").glob("*.yaml")}
+    assert {"stage0_align.yaml", "stage1_mm.yaml", "stage2_32k.yaml", "stage3_256k.yaml"} <= names

@@ -72,6 +72,15 @@ def test_hub_style_moe_config_is_read():
                                                                                  router_aux_loss_coef=0.001))
 
 
+def test_moe_config_saved_by_transformers_5_is_read():
+    """transformers 5.x save_pretrained spells the expert count num_local_experts."""
+    transformers = pytest.importorskip("transformers")
+    config = get_preset("tiny-moe")
+    saved = transformers.Qwen3VLMoeConfig(**config_to_hf(config, style="v5")).to_dict()
+    assert "num_experts" not in saved["text_config"] and "num_local_experts" in saved["text_config"]
+    assert config_from_hf(saved, name=config.name).text.num_experts == config.text.num_experts
+
+
 def test_top_level_tie_flag_wins():
     data = config_to_hf(get_preset("2B"))
     data["text_config"]["tie_word_embeddings"] = False

@@ -1,0 +1,212 @@
+"""``qwen3vl-convert verify``: transformers' Qwen3-VL and ours on one fixed multimodal sample.
+
+Our model runs under the requested TP/PP/EP/CP layout (the checkpoint is resharded on load); its
+logits are gathered over the vocabulary (TP) and the sequence (CP) onto the last pipeline stage,
+where one rank also runs transformers' model from ``--hf`` and takes the largest absolute logit
+difference over the sample's tokens. The command prints ``max_abs_diff=<float>`` as its last line.
+
+With more than one rank the command starts itself under ``python -m torch.distributed.run`` with
+``--worker`` and reads the result back from a file, so the line is printed after every rank exits.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from qwen3vl.model.hf_checkpoint import CheckpointMismatchError
+from qwen3vl.parallel.layout import ParallelLayout
+
+
+def world_size_for(layout: ParallelLayout) -> int:
+    """The fewest ranks that hold the layout: tp·pp·cp for the dense part, and enough data-parallel
+    replicas that ep·etp·pp divides the world as well (megatron carves EP out of DP·CP·TP)."""
+    dense = layout.tp * layout.pp * layout.cp
+    experts = layout.expert_tp * layout.ep * layout.pp
+    return dense * experts // math.gcd(dense, experts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config agreement
+
+
+def config_differences(ours, theirs, prefix: str = "") -> list[str]:
+    """Fields where two architecture configs differ (the name is not architecture)."""
+    out = []
+    for f in fields(ours):
+        if f.name == "name":
+            continue
+        a, b = getattr(ours, f.name), getattr(theirs, f.name)
+        if hasattr(a, "__dataclass_fields__"):
+            out += config_differences(a, b, f"{prefix}{f.name}.")
+        elif a != b:
+            out.append(f"{prefix}{f.name}: checkpoint {a!r}, HF config.json {b!r}")
+    return out
+
+
+def check_same_architecture(ckpt_config, hf_dir: str) -> None:
+    from qwen3vl.model.hf_checkpoint import our_config, read_config
+
+    differences = config_differences(ckpt_config, our_config(read_config(hf_dir)))
+    if differences:
+        raise CheckpointMismatchError(
+            f"the checkpoint and {hf_dir} describe different models:\n  " + "\n  ".join(differences)
+            + "\nconvert the HF directory again (qwen3vl-convert hf-to-mcore) or pass the matching pair")
+
+
+# ---------------------------------------------------------------------------------------------
+# Our side, on every rank
+
+
+def _forward_logits(model: torch.nn.Module, inputs: dict, seq_length: int,
+                    layout: ParallelLayout) -> Optional[torch.Tensor]:
+    """One forward through megatron's schedule (any PP); this rank's [T_local, V/TP] logits on the last
+    pipeline stage, None elsewhere."""
+    from megatron.core import parallel_state
+
+    from qwen3vl.parallel.schedules import forward_backward_func
+
+    model_kwargs = dict(inputs, labels=None)
+
+    def forward_step(data_iterator, chunk):
+        next(data_iterator)
+        return chunk(**model_kwargs), None  # no loss function: the schedule keeps the output as is
+
+    with torch.no_grad():
+        outputs = forward_backward_func(layout)(
+            forward_step_func=forward_step, data_iterator=iter([inputs]), model=[model], num_microbatches=1,
+            seq_length=seq_length, micro_batch_size=1, forward_only=True)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return outputs[0]
+
+
+def _gather_logits(local: torch.Tensor, cu_seqlens_padded: torch.Tensor) -> torch.Tensor:
+    """[T_local, V/TP] on each TP/CP rank -> [T, V] in row order."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from qwen3vl.parallel.context_parallel import gathered_key_order
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, local.contiguous(), group=tp_group)
+    full_vocab = torch.cat(parts, dim=-1)
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp == 1:
+        return full_vocab
+    cp_group = parallel_state.get_context_parallel_group()
+    rows = [torch.empty_like(full_vocab) for _ in range(cp)]
+    dist.all_gather(rows, full_vocab, group=cp_group)
+    return torch.cat(rows)[gathered_key_order(cu_seqlens_padded, cp)]
+
+
+def _is_reporting_rank() -> bool:
+    """Exactly one rank: last pipeline stage, first TP/CP/DP rank."""
+    from megatron.core import parallel_state as ps
+
+    return (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_context_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0)
+
+
+def hf_logits(hf_dir: str, sample, dtype: torch.dtype) -> torch.Tensor:
+    """transformers' logits [L, V] for the sample."""
+    from transformers import AutoModelForImageTextToText
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+    inputs = {k: v.to(device) for k, v in sample.hf_inputs().items()}
+    with torch.no_grad():
+        return model(**inputs).logits[0].float().cpu()
+
+
+def verify_worker(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1,
+                  pipeline_layers: Optional[Sequence[int]] = None, dtype: str = "float32",
+                  sequence_parallel: bool = False) -> float:
+    """Run on every rank of a job of ``world_size_for(layout)`` ranks (torchrun or the test harness).
+    Returns the max |ours - transformers| over the sample's logits, the same value on every rank."""
+    import torch.distributed as dist
+
+    from qwen3vl.launch.convert_commands import build_model, load_our_weights, parallel_session
+    from qwen3vl.launch.verify_sample import build_verify_sample
+    from qwen3vl.model.mcore_checkpoint import DTYPES, read_checkpoint_config
+    from qwen3vl.parallel.context_parallel import model_inputs
+    from qwen3vl.train.checkpoint import resolve_checkpoint
+
+    layout = ParallelLayout(tp=tp, pp=pp, ep=ep, cp=cp, sequence_parallel=sequence_parallel)
+    path = resolve_checkpoint(ckpt)
+    config = read_checkpoint_config(path).model
+    check_same_architecture(config, hf_dir)
+    compute_dtype = DTYPES[dtype]
+    sample = build_verify_sample(config)
+    pad_multiple = (2 * cp if cp > 1 else 1) * (tp if sequence_parallel else 1)
+    batch = sample.packed_batch(config, pad_multiple=pad_multiple)
+    with parallel_session(layout) as world_size:
+        t = config.text
+        layout.validate(world_size, num_attention_heads=t.num_attention_heads,
+                        num_query_groups=t.num_key_value_heads, num_layers=t.num_layers,
+                        num_experts=t.num_experts or None, seq_length=batch.seq_length,
+                        pipeline_layers=pipeline_layers, deepstack_layers=config.num_deepstack_layers)
+        from megatron.core import parallel_state
+
+        model = build_model(config, compute_dtype, pipeline_layers, sequence_parallel=sequence_parallel)
+        load_our_weights(path, [model])
+        model.eval()
+        inputs = model_inputs(batch, parallel_state.get_context_parallel_rank(), cp)
+        # The schedule sizes stage-to-stage tensors: this rank's rows (÷CP), ÷TP with sequence parallelism.
+        local_rows = batch.seq_length // cp // (tp if sequence_parallel else 1)
+        local = _forward_logits(model, inputs, local_rows, layout)
+        result = torch.zeros((), dtype=torch.float64)
+        if local is not None:
+            ours = _gather_logits(local.float(), batch.cu_seqlens_padded)[: sample.length]
+            if _is_reporting_rank():
+                reference = hf_logits(hf_dir, sample, compute_dtype)
+                result.fill_(float((ours - reference).abs().max()))
+        dist.all_reduce(result, op=dist.ReduceOp.MAX)  # the one reporting rank's value to everyone
+    return float(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def verify_command(args: argparse.Namespace) -> None:
+    from qwen3vl.launch.convert_commands import free_port
+
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, cp=args.cp)
+    world_size = world_size_for(layout)
+    if args.worker or world_size == 1:
+        diff = verify_worker(args.hf, args.ckpt, args.tp, args.pp, args.ep, args.cp, args.pipeline_layers,
+                             args.dtype, args.sequence_parallel)
+        if int(os.environ.get("RANK", "0")) == 0:
+            if args.result_file:
+                Path(args.result_file).write_text(f"{diff!r}\n")
+            else:
+                print(f"max_abs_diff={diff:.6e}")
+        return
+    with tempfile.TemporaryDirectory(prefix="qwen3vl-verify-") as tmp:
+        result_file = Path(tmp) / "max_abs_diff"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
+                   "--master_port", str(free_port()), "-m", "qwen3vl.launch.convert", "verify",
+                   "--hf", args.hf, "--ckpt", args.ckpt, "--tp", str(args.tp), "--pp", str(args.pp),
+                   "--ep", str(args.ep), "--cp", str(args.cp), "--dtype", args.dtype,
+                   "--worker", "--result-file", str(result_file)]
+        if args.sequence_parallel:
+            command.append("--sequence-parallel")
+        if args.pipeline_layers:
+            command += ["--pipeline-layers", ",".join(map(str, args.pipeline_layers))]
+        print(f"verify: {world_size} ranks (tp={args.tp} pp={args.pp} ep={args.ep} cp={args.cp})", flush=True)
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        done = subprocess.run(command, env=env)
+        if done.returncode != 0 or not result_file.is_file():
+            sys.exit(done.returncode or 1)
+        diff = float(result_file.read_text())
+    print(f"max_abs_diff={diff:.6e}")

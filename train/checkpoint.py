@@ -1,0 +1,475 @@
+"""Checkpoints with megatron dist_checkpointing: atomic commit, retention, exact resume, resharding.
+
+Layout of a run directory::
+
+    <run_dir>/checkpoints/iter_0000100/   one megatron dist checkpoint (model, distributed optimizer,
+                                          scheduler, counters, per-rank RNG, per-DP-rank loader state)
+                                          + config.yaml (the resolved run config)
+    <run_dir>/checkpoints/latest          the tracker: the name of the last *committed* checkpoint
+
+Commit protocol: every rank writes its shards, a barrier proves all of them finished, and only then
+rank 0 replaces the tracker (temp file + fsync + os.replace). A crash anywhere before that leaves the
+previous checkpoint as latest; directories newer than the tracker are partial and are removed before
+they are reused. Retention keeps the last k committed checkpoints and never deletes the latest.
+
+Resharding: model tensors and the optimizer state (megatron's 'fully_reshardable' format) load under any TP/PP/EP/DP layout. RNG states (one per global rank) and loader states
+(one per DP rank) only mean something under the same layout: with a different one they are not
+restored, and a warning says so.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+TRACKER = "latest"
+CONFIG_FILE = "config.yaml"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+# The optimizer format megatron can load under a different model-parallel layout. (The parallel
+# 'fully_sharded_model_space' is rejected by 0.16.1; 'dp_reshardable' cannot change TP/PP.) Saving
+# gathers each DP group's optimizer shards on its DP rank 0.
+OPTIMIZER_FORMAT = "fully_reshardable"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    """The counters that resume restores (the same on every rank)."""
+
+    step: int = 0  # optimizer steps taken (skipped NaN steps included)
+    consumed_samples: int = 0  # global samples (packed rows count their segments)
+    consumed_tokens: int = 0  # global supervised + unsupervised real tokens
+    skipped_steps: int = 0  # steps whose loss was NaN/Inf: no update applied
+    consecutive_nan: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+        return cls(**{k: int(v) for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+# ---- paths ------------------------------------------------------------------------------------------
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def iteration_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"iter_{step:07d}"
+
+
+def find_latest(run_dir: str | os.PathLike) -> Path | None:
+    """The committed checkpoint the tracker names, or None when the run has none yet."""
+    tracker = checkpoints_dir(run_dir) / TRACKER
+    if not tracker.is_file():
+        return None
+    name = tracker.read_text().strip()
+    path = checkpoints_dir(run_dir) / name
+    if not _ITER_RE.match(name) or not path.is_dir():
+        raise CheckpointError(f"{tracker} names '{name}', which is not a checkpoint directory in "
+                              f"{checkpoints_dir(run_dir)}; fix or delete the tracker")
+    return path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory (-> its latest checkpoint), its checkpoints/ folder, or one checkpoint directory."""
+    p = Path(path)
+    if (p / "metadata.json").is_file():
+        return p
+    for run_dir in (p, p.parent):
+        if (checkpoints_dir(run_dir) / TRACKER).is_file() and (p == run_dir or p.name == "checkpoints"):
+            latest = find_latest(run_dir)
+            if latest is not None:
+                return latest
+    raise CheckpointError(f"{p} is neither a run directory with a committed checkpoint "
+                          f"(<run_dir>/checkpoints/{TRACKER}) nor a checkpoint directory (with metadata.json)")
+
+
+def committed_steps(run_dir: str | os.PathLike) -> list[int]:
+    """Steps of checkpoint directories at or before the tracker (later ones are uncommitted)."""
+    latest = find_latest(run_dir)
+    if latest is None:
+        return []
+    limit = _step_of(latest)
+    return [s for s in _all_steps(run_dir) if s <= limit]
+
+
+def _step_of(path: Path) -> int:
+    return int(_ITER_RE.match(path.name).group(1))
+
+
+def _all_steps(run_dir: str | os.PathLike) -> list[int]:
+    d = checkpoints_dir(run_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in d.iterdir() if p.is_dir() and (m := _ITER_RE.match(p.name)))
+
+
+# ---- distributed helpers ------------------------------------------------------------------------------
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _layout_signature() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
+
+
+# ---- RNG --------------------------------------------------------------------------------------------
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every generator a training step can draw from on this rank (python, numpy, torch, CUDA, and
+    megatron's model-parallel RNG tracker)."""
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ---- the sharded state dict -------------------------------------------------------------------------
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """megatron's DDP wrapper and Float16Module hold the real model in ``.module``."""
+    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(chunk, (_BaseDataParallel, Float16Module)):
+        chunk = chunk.module
+    return chunk
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    n = len(model_chunks)
+    return {_model_key(i, n): _chunk_sharded_state_dict(unwrap(c)) for i, c in enumerate(model_chunks)}
+
+
+def _chunk_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """``model.sharded_state_dict()``, with the tensor-parallel layout of modules held in plain ModuleLists.
+
+    megatron's default ``MegatronModule.sharded_state_dict`` reads a ``torch.nn.ModuleList`` child as a
+    plain state dict, so the TP-sharded weights of its items (e.g. the ViT's layers, the DeepStack
+    mergers) would be recorded with their *local* shape as if replicated: wrong under TP > 1. For
+    every ModuleList whose owner does not define its own ``sharded_state_dict``, the entries are
+    rebuilt from each item's own ``sharded_state_dict`` (TransformerBlock, which does, is left alone).
+    """
+    from megatron.core.transformer.module import MegatronModule
+
+    sd = model.sharded_state_dict()
+    for owner_name, owner in model.named_modules():
+        if not isinstance(owner, MegatronModule) or type(owner).sharded_state_dict is not MegatronModule.sharded_state_dict:
+            continue
+        for child_name, child in owner.named_children():
+            if not isinstance(child, torch.nn.ModuleList):
+                continue
+            prefix = f"{owner_name}.{child_name}." if owner_name else f"{child_name}."
+            if not all(hasattr(item, "sharded_state_dict") for item in child):
+                continue
+            for key in [k for k in sd if k.startswith(prefix)]:
+                del sd[key]
+            for i, item in enumerate(child):
+                sd.update(item.sharded_state_dict(prefix=f"{prefix}{i}."))
+    return sd
+
+
+def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState | None, loader_state: Any,
+                        *, is_loading: bool, with_optimizer: bool, with_rank_state: bool) -> dict[str, Any]:
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    sd = _model_sharded_state_dict(model_chunks)
+    if with_optimizer and optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            dict(sd), is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_FORMAT})
+    if with_optimizer and scheduler is not None:
+        sd["scheduler"] = scheduler.state_dict()
+    if state is not None:
+        sd["train_state"] = state.to_dict()
+        sd["layout"] = _layout_signature()
+    if with_rank_state:
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        sd["rng_state"] = ShardedObject("rng_state", capture_rng_state() if not is_loading else None,
+                                        (world,), (rank,), replica_id=0)
+        # Every rank of one DP replica (its TP/PP/CP peers) reads the same data; one of them saves.
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        peer = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                ps.get_context_parallel_rank())
+        sd["loader_state"] = ShardedObject("loader_state", loader_state, (dp_size,), (dp_rank,), replica_id=peer)
+    return sd
+
+
+# ---- save -------------------------------------------------------------------------------------------
+
+# Called after every rank wrote its shards and before the tracker moves (tests use it to kill a save
+# in the middle; nothing else should).
+_before_commit: Callable[[], None] = lambda: None
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    state: TrainState,
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    *,
+    loader_state: Any = None,
+    config_yaml: str | None = None,
+    keep_last_k: int | None = None,
+) -> Path:
+    """Saves step ``state.step`` on every rank (collective), commits it, applies retention."""
+    from megatron.core import dist_checkpointing
+
+    target = iteration_dir(run_dir, state.step)
+    if _rank() == 0:
+        remove_uncommitted(run_dir)
+        if target.exists():  # a committed checkpoint of the same step (e.g. end save right after K)
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+    _barrier()
+    if optimizer is not None:
+        _ensure_optimizer_state(optimizer)  # a save before the first step (e.g. the initial weights)
+    sd = _sharded_state_dict(model_chunks, optimizer, scheduler, state, loader_state,
+                             is_loading=False, with_optimizer=True, with_rank_state=True)
+    dist_checkpointing.save(sd, str(target))
+    if _rank() == 0 and config_yaml is not None:
+        _write_atomic(target / CONFIG_FILE, config_yaml)
+    _barrier()  # every rank's shards are on disk
+    _before_commit()
+    if _rank() == 0:
+        _write_atomic(checkpoints_dir(run_dir) / TRACKER, target.name + "\n")
+        if keep_last_k:
+            apply_retention(run_dir, keep_last_k)
+    _barrier()  # nobody reads the tracker or starts the next save before it moved
+    return target
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself must survive a power loss
+    finally:
+        os.close(dir_fd)
+
+
+def apply_retention(run_dir: str | os.PathLike, keep_last_k: int) -> list[int]:
+    """Deletes committed checkpoints beyond the last ``keep_last_k``; never the latest. Returns the
+    deleted steps."""
+    if keep_last_k < 1:
+        raise CheckpointError(f"keep_last_k={keep_last_k}: keep at least 1 checkpoint (or None to keep all)")
+    steps = committed_steps(run_dir)
+    latest = steps[-1] if steps else None
+    doomed = [s for s in steps[:-keep_last_k] if s != latest]
+    for s in doomed:
+        shutil.rmtree(iteration_dir(run_dir, s), ignore_errors=True)
+    return doomed
+
+
+def remove_uncommitted(run_dir: str | os.PathLike) -> list[int]:
+    """Removes checkpoint directories newer than the tracker: leftovers of a save that crashed."""
+    latest = find_latest(run_dir)
+    limit = _step_of(latest) if latest is not None else -1
+    partial = [s for s in _all_steps(run_dir) if s > limit]
+    for s in partial:
+        log.warning("removing uncommitted checkpoint %s (a save that did not finish)", iteration_dir(run_dir, s))
+        shutil.rmtree(iteration_dir(run_dir, s), ignore_errors=True)
+    return partial
+
+
+# ---- load -------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadResult:
+    path: Path
+    state: TrainState
+    loader_state: Any = None  # None when the DP layout changed (the loader cannot resume exactly)
+    restored_rng: bool = False
+    saved_layout: dict[str, int] = field(default_factory=dict)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+) -> LoadResult:
+    """Full resume: model, optimizer, scheduler, counters; RNG and loader state when the layout is the
+    one they were saved under. ``path``: a run directory or a checkpoint directory. Collective."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = resolve_checkpoint(path)
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    saved_layout = dict(common.get("layout", {}))
+    same_layout = saved_layout == _layout_signature()
+    if not same_layout:
+        log.warning("checkpoint %s was saved under layout %s, loading under %s: model and optimizer are "
+                    "resharded; per-rank RNG and the data loader position are NOT restored", ckpt,
+                    saved_layout, _layout_signature())
+    if optimizer is not None:
+        group_settings = _group_settings(optimizer)
+        _ensure_optimizer_state(optimizer)
+    sd = _sharded_state_dict(model_chunks, optimizer, scheduler, TrainState(), None,
+                             is_loading=True, with_optimizer=True, with_rank_state=same_layout)
+    loaded = dist_checkpointing.load(sd, str(ckpt))
+    _apply_model(model_chunks, loaded)
+    if optimizer is not None:
+        _load_optimizer_state(optimizer, loaded["optimizer"], group_settings)
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        restore_rng_state(loaded["rng_state"])
+    _barrier()
+    return LoadResult(path=ckpt, state=TrainState.from_dict(loaded["train_state"]),
+                      loader_state=loaded.get("loader_state") if same_layout else None,
+                      restored_rng=same_layout, saved_layout=saved_layout)
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Gives a fresh optimizer zero Adam moments and step 0 (what torch's AdamW starts from), without
+    touching the parameters.
+
+    megatron's DistributedOptimizer builds its loading state dict from its *current* state and, with
+    torch's AdamW (no apex/TE), asserts that a 'step' exists; a fresh optimizer has none. Its own
+    remedy (_init_optimizer_states_with_dummy_values) takes a real step, which weight decay turns
+    into a parameter change; this only allocates the state, which the load then overwrites.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p.data)
+                    state["exp_avg_sq"] = torch.zeros_like(p.data)
+                if isinstance(inner, torch.optim.Adam) and "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+
+
+_GROUP_SETTINGS = ("max_lr", "min_lr", "wd_mult", "lr_mult", "is_decoupled_lr", "default_config")
+
+
+def _group_settings(optimizer) -> list[list[dict]]:
+    """This run's per-group hyperparameters (per-part lrs, weight-decay multipliers), from its config.
+
+    megatron's load replaces them with the checkpoint's (every group then gets the base max_lr; its
+    own loading state dict already round-trips them that way), so they are taken before anything is
+    built and put back afterwards; the scheduler then recomputes lr and weight decay from them.
+    """
+    return [[{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in opt.optimizer.param_groups]
+            for opt in getattr(optimizer, "chained_optimizers", [optimizer]) if hasattr(opt, "optimizer")]
+
+
+def _load_optimizer_state(optimizer, state: dict, group_settings: list[list[dict]]) -> None:
+    """``optimizer.load_state_dict`` around megatron 0.16.1 bugs (the first two with torch's Adam).
+
+    Loading the 'fully_reshardable' format copies every key of a parameter's current Adam state from
+    the checkpoint, but the checkpoint's per-parameter entries deliberately omit 'step' (restored
+    separately, just before) -> KeyError. For the duration of the load, keys the checkpoint does not
+    carry keep their current value.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, opt=opt, original=original):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            current = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
+            return original(model_param, {**{k: v for k, v in current.items() if k not in tensors}, **tensors})
+
+        opt._set_main_param_and_optimizer_states = set_states
+        patched.append(opt)
+    try:
+        optimizer.load_state_dict(state)
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class method
+    inner_optimizers = [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer]) if hasattr(opt, "optimizer")]
+    for opt, settings in zip(inner_optimizers, group_settings):
+        for group, kept in zip(opt.optimizer.param_groups, settings):
+            group.update(kept)
+    # megatron hands every parameter the *same* 'step' tensor, which torch's AdamW then increments
+    # in place once per parameter per step: give each parameter its own.
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for param_state in getattr(getattr(opt, "optimizer", None), "state", {}).values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].clone()
+
+
+def load_weights(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Module]) -> Path:
+    """Weights only (stage hand-off ``init_from``), under any layout: no optimizer, scheduler,
+    counters, RNG or loader state. Collective."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = resolve_checkpoint(path)
+    loaded = dist_checkpointing.load(_model_sharded_state_dict(model_chunks), str(ckpt))
+    _apply_model(model_chunks, loaded)
+    _barrier()
+    return ckpt
+
+
+def _apply_model(model_chunks: Sequence[torch.nn.Module], loaded: dict[str, Any]) -> None:
+    n = len(model_chunks)
+    for i, chunk in enumerate(model_chunks):
+        unwrap(chunk).load_state_dict(loaded[_model_key(i, n)], strict=True)

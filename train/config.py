@@ -1,0 +1,329 @@
+"""The typed training configuration: one schema for every stage, composed by Hydra from a recipe.
+
+A recipe (``recipes/stage0_align.yaml`` ...) is YAML merged onto ``Qwen3VLTrainConfig`` (registered in
+Hydra's ConfigStore as ``qwen3vl_train_schema``), so a misspelt key or a wrong type fails at compose time.
+Config groups: ``model=<preset>`` (recipes/model/), ``data=<mix>`` (recipes/data/, ``data=demo`` is the
+demo corpus built on first use). Everything that can be checked without a process group is checked by
+``validate`` (qwen3vl.train.config_checks) before any rank starts.
+
+Entry points: ``load_config(recipe, overrides, world_size)`` for the launcher, tests and scripts;
+``config_from_hydra(dictconfig)`` for a ``@hydra.main`` app; ``run_shape(cfg, world_size)`` for the
+numbers derived from the config (dp, rows, micro-batches, steps, warmup).
+"""
+from __future__ import annotations
+
+import enum
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+SCHEMA_NAME = "qwen3vl_train_schema"
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# Parts of the model that can be trained or frozen (train.trainable); "all" means every part.
+TRAINABLE_PARTS = ("vision", "merger", "deepstack_merger", "llm")
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run; the message names each field and what to change."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid training config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class DecayStyle(str, enum.Enum):
+    cosine = "cosine"
+    linear = "linear"
+    wsd = "wsd"  # warmup-stable-decay: constant after warmup, then a final decay phase
+    constant = "constant"
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+@dataclass
+class ModelCfg:
+    preset: str = "8B"  # a name from qwen3vl.model.presets.PRESET_NAMES
+    # Architecture numbers changed on the preset, e.g. +model.overrides.text.num_layers=8 on the command line.
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParallelCfg:
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None  # virtual stages per pipeline rank (interleaved 1F1B); null = off
+    cp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None  # expert tensor parallel; null = same as tp
+    sequence_parallel: bool = False
+    # Explicit uneven split: LLM layers per (virtual) pipeline stage; null = even split.
+    pipeline_layers: Optional[List[int]] = None
+    cp_comm_type: str = "p2p"  # p2p is the one that supports packed (THD) rows on every TE 2.x
+
+
+@dataclass
+class DatasetCfg:
+    name: str = "data"
+    # Shard addresses: a brace pattern, a directory of .tar files, pipe:/http URLs, or "demo".
+    shards: str = "???"
+    weight: float = 1.0
+
+
+@dataclass
+class DataCfg:
+    root: str = "/data/qwen3vl"  # the mixes in recipes/data/ put their shards under this directory
+    datasets: List[DatasetCfg] = field(default_factory=list)
+    # Where `shards: demo` builds the demo corpus the first time it is used (relative to the cwd).
+    demo_dir: str = ".demo_data"
+    shuffle_buffer: int = 1000  # samples held for shuffling, per rank
+    pack_buffer: int = 256  # encoded samples the packer chooses from (fill ~98% at 8K, see docs)
+    max_patches_per_row: Optional[int] = None  # ViT patch budget per packed row; null = no cap
+    num_workers: int = 0  # background decode workers per rank (0: in the training process)
+    tokenizer: Optional[str] = None  # a Hugging Face tokenizer dir; null = the built-in Qwen3 tokenizer
+    max_consecutive_failures: int = 100  # bad samples in a row before the run stops
+    # ProcessingConfig fields (qwen3vl.data.processing_config), e.g. {max_pixels: 1048576}.
+    processing: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PartLr:
+    vision: float = 2e-5
+    merger: float = 1e-4  # the merger and the three DeepStack mergers
+    llm: float = 1e-4
+
+
+@dataclass
+class OptimCfg:
+    # AdamW; weight decay is never applied to norms and biases (see qwen3vl.train.freeze).
+    lr: PartLr = field(default_factory=PartLr)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+
+
+@dataclass
+class ScheduleCfg:
+    warmup_steps: Optional[int] = None  # wins over warmup_fraction when set
+    warmup_fraction: float = 0.01
+    decay_style: DecayStyle = DecayStyle.cosine
+    min_lr_ratio: float = 0.1  # the final lr of each part, as a fraction of its peak lr
+    wsd_decay_fraction: float = 0.1  # wsd: fraction of the steps spent in the final decay
+
+
+@dataclass
+class RecomputeCfg:
+    granularity: Optional[str] = None  # null, "selective" (attention core) or "full"
+    method: str = "uniform"  # full: "uniform" or "block"
+    num_layers: int = 1  # full: layers per recompute unit (uniform) or recomputed layers (block)
+    vision: bool = False  # also recompute the ViT blocks
+
+
+@dataclass
+class TrainCfg:
+    steps: Optional[int] = None  # null: token_budget / global_batch_tokens
+    token_budget: Optional[float] = None  # tokens the stage trains on (the report's table)
+    seq_length: int = 8192
+    global_batch_tokens: int = 4 * 1024 * 1024
+    micro_batch_rows: int = 1  # packed rows per micro-batch
+    save_interval: int = 1000
+    keep_last_k: int = 3
+    log_interval: int = 1
+    eval_interval: int = 0  # 0 = no evaluation
+    seed: int = 1234
+    precision: Precision = Precision.auto
+    recompute: RecomputeCfg = field(default_factory=RecomputeCfg)
+    loss_exponent: float = 0.5  # sample i's tokens weigh n_i^-exponent: 0 token mean, 1 sample mean
+    max_consecutive_nan: int = 5  # non-finite steps in a row (each one skipped) before the run stops
+    trainable: List[str] = field(default_factory=lambda: ["all"])  # "all" or parts of TRAINABLE_PARTS
+
+
+@dataclass
+class WandbCfg:
+    mode: str = "offline"  # offline (default), online, disabled
+    project: str = "qwen3vl"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Qwen3VLTrainConfig:
+    stage: str = "custom"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    parallel: ParallelCfg = field(default_factory=ParallelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    run_dir: str = "runs/${stage}"
+    # Weights of a previous stage (a run dir or a checkpoint dir): loaded once, fresh optimizer and
+    # schedule, any layout. Ignored when run_dir already has a checkpoint (then the run resumes).
+    init_from: Optional[str] = None
+    wandb: WandbCfg = field(default_factory=WandbCfg)
+
+
+ConfigStore.instance().store(name=SCHEMA_NAME, node=Qwen3VLTrainConfig)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """Numbers that follow from the config and the world size."""
+
+    world_size: int
+    dp: int
+    global_rows: int  # packed rows per step, over all DP ranks
+    num_microbatches: int  # per DP rank and step
+    steps: int
+    warmup_steps: int
+    pad_multiple: int  # every packed segment is a multiple of this (2·cp, ×tp with sequence parallel)
+
+
+def run_shape(cfg: Qwen3VLTrainConfig, world_size: int) -> RunShape:
+    """Derived sizes; assumes ``validate`` passed."""
+    p, t = cfg.parallel, cfg.train
+    dp = world_size // (p.tp * p.pp * p.cp)
+    rows = t.global_batch_tokens // t.seq_length
+    steps = t.steps if t.steps is not None else math.ceil(t.token_budget / t.global_batch_tokens)
+    s = cfg.schedule
+    warmup = s.warmup_steps if s.warmup_steps is not None else int(round(s.warmup_fraction * steps))
+    pad = (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sequence_parallel else 1)
+    return RunShape(world_size=world_size, dp=dp, global_rows=rows,
+                    num_microbatches=rows // (dp * t.micro_batch_rows), steps=steps, warmup_steps=warmup,
+                    pad_multiple=pad)
+
+
+def trains(cfg: Qwen3VLTrainConfig, part: str) -> bool:
+    """Whether ``part`` (one of TRAINABLE_PARTS) receives updates under ``train.trainable``."""
+    return "all" in cfg.train.trainable or part in cfg.train.trainable
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def _recipe_location(recipe: str) -> tuple[Path, str]:
+    """(config dir, config name) of a recipe given by name (packaged) or by path to a YAML file."""
+    candidate = Path(recipe)
+    if candidate.suffix in (".yaml", ".yml") or candidate.parent != Path("."):
+        if not candidate.is_file():
+            raise ConfigError([f"recipe file {recipe} does not exist: give a packaged recipe name "
+                               f"({', '.join(available_recipes())}) or a path to a YAML file"])
+        return candidate.resolve().parent, candidate.stem
+    if not (RECIPES_DIR / f"{recipe}.yaml").is_file():
+        raise ConfigError([f"unknown recipe {recipe!r}: choose one of {', '.join(available_recipes())} "
+                           "or give a path to a YAML file"])
+    return RECIPES_DIR, recipe
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def compose_recipe(recipe: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The recipe composed with Hydra (schema, config groups, command-line overrides), unresolved."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_dir, name = _recipe_location(recipe)
+    extra = [] if config_dir == RECIPES_DIR else [f"hydra.searchpath=[file://{RECIPES_DIR}]"]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            return compose(config_name=name, overrides=list(overrides) + extra)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError([f"recipe {recipe!r} with overrides {list(overrides)} does not compose: "
+                           f"{_describe(err)} (check the key names and types against docs/training.md)"]
+                          ) from err
+
+
+def config_from_hydra(cfg: DictConfig) -> Qwen3VLTrainConfig:
+    """The typed config object from a composed DictConfig (e.g. the one ``@hydra.main`` passes)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Qwen3VLTrainConfig), cfg)
+        OmegaConf.resolve(merged)
+        typed = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError([f"config does not match the schema: {_describe(err)}"]) from err
+    typed.run_dir = os.path.abspath(typed.run_dir)
+    typed.data.demo_dir = os.path.abspath(typed.data.demo_dir)
+    return typed
+
+
+def load_config(recipe: str, overrides: Sequence[str] = (), world_size: Optional[int] = None,
+                check_paths: bool = True) -> Qwen3VLTrainConfig:
+    """Compose ``recipe`` with ``overrides`` and validate it for ``world_size`` ranks.
+
+    ``world_size`` defaults to $WORLD_SIZE (set by torchrun) or 1. Raises ``ConfigError`` naming every
+    problem before anything distributed happens. ``train.steps`` is filled from the token budget.
+    """
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = config_from_hydra(compose_recipe(recipe, overrides))
+    return validate(cfg, world_size, check_paths=check_paths)
+
+
+def validate(cfg: Qwen3VLTrainConfig, world_size: int, *, check_paths: bool = True) -> Qwen3VLTrainConfig:
+    """Every check that needs no process group; see ``qwen3vl.train.config_checks.validate``."""
+    from qwen3vl.train.config_checks import validate as _validate
+
+    return _validate(cfg, world_size, check_paths=check_paths)
+
+
+def parse_app_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """(recipe, overrides) from an app command line: ``--config-name NAME [--config-path DIR] k=v ...``.
+
+    This is the form ``qwen3vl-launch`` starts ranks with; a recipe path is split into both options.
+    """
+    name, path, rest = None, None, []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        for flags, setter in ((("--config-name", "-cn"), "name"), (("--config-path", "-cp"), "path")):
+            flag = next((f for f in flags if arg == f or arg.startswith(f + "=")), None)
+            if flag is not None:
+                value = arg.split("=", 1)[1] if "=" in arg else args.pop(0)
+                name, path = (value, path) if setter == "name" else (name, value)
+                break
+        else:
+            rest.append(arg)
+    if name is None:
+        raise ConfigError(["no recipe given: pass --config-name <recipe> (e.g. stage0_align)"])
+    recipe = str(Path(path) / f"{name}.yaml") if path else name
+    return recipe, rest
+
+
+def app_argv(recipe: str, overrides: Sequence[str]) -> list[str]:
+    """The inverse of ``parse_app_argv``: the arguments that make an app load ``recipe``."""
+    if Path(recipe).suffix in (".yaml", ".yml") or Path(recipe).parent != Path("."):
+        p = Path(recipe).resolve()
+        return ["--config-path", str(p.parent), "--config-name", p.stem, *overrides]
+    return ["--config-name", recipe, *overrides]
+
+
+def to_yaml(cfg: Qwen3VLTrainConfig) -> str:
+    """The resolved config as YAML (saved with every checkpoint and in the run directory)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _describe(err: BaseException) -> str:
+    """Hydra/OmegaConf errors wrap the useful reason: the first line of each error in the chain."""
+    lines: list[str] = []
+    while err is not None:
+        for line in str(err).strip().splitlines()[:2]:
+            line = line.strip()
+            if line and "$VALUE" not in line and not line.startswith(("full_key", "object_type")) \
+                    and line not in lines:
+                lines.append(line)
+        err = err.__cause__
+    return "; ".join(lines) or "unknown error"

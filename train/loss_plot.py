@@ -1,0 +1,132 @@
+"""``plot_loss(run_dir)``: the loss curve of a run as ``<run_dir>/loss.png``.
+
+matplotlib is not a dependency, so the chart is drawn with PIL (always installed): the per-step loss in
+light blue, its centred moving average in dark blue, labelled axes with round tick values. When
+matplotlib is installed it is used instead.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+PLOT_FILE = "loss.png"
+
+
+def _load_points(run_dir: Path) -> list[tuple[int, float]]:
+    points = []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        loss = record.get("loss")
+        if loss is not None and math.isfinite(loss):
+            points.append((int(record["step"]), float(loss)))
+    return points
+
+
+def _smooth(values: list[float]) -> list[float]:
+    """Centred moving average over ~2% of the points (no lag, unlike an EMA)."""
+    half = max(1, len(values) // 50)
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - half): i + half + 1]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round tick values (1, 2, 5 × 10^k steps) covering [lo, hi]."""
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / count
+    base = 10 ** math.floor(math.log10(raw))
+    step = next(m * base for m in (1, 2, 5, 10) if m * base >= raw)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def plot_loss(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Draw the loss of ``<run_dir>/metrics.jsonl``; returns the PNG path (a chart even with no points)."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / PLOT_FILE
+    points = _load_points(run_dir)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        _draw_with_pil(points, out, title=f"loss - {run_dir.name}")
+    else:
+        _draw_with_matplotlib(points, out, title=f"loss - {run_dir.name}")
+    return out
+
+
+def _draw_with_matplotlib(points: list[tuple[int, float]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
+    if points:
+        steps, losses = zip(*points)
+        ax.plot(steps, losses, color="#9ecae1", lw=1, label="loss")
+        ax.plot(steps, _smooth(list(losses)), color="#08519c", lw=2, label="moving average")
+        ax.legend()
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def _draw_with_pil(points: list[tuple[int, float]], out: Path, title: str) -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = 900, 500
+    left, right, top, bottom = 80, 30, 50, 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    draw.text((width // 2 - 6 * len(title) // 2, 15), title, fill="black", font=font)
+    x0, x1, y0, y1 = left, width - right, height - bottom, top  # y grows downwards
+    if points:
+        steps = [s for s, _ in points]
+        losses = [v for _, v in points]
+        s_lo, s_hi = min(steps), max(max(steps), min(steps) + 1)
+        l_lo, l_hi = min(losses), max(losses)
+        pad = 0.05 * (l_hi - l_lo or 1.0)
+        l_lo, l_hi = l_lo - pad, l_hi + pad
+
+        def xy(step: float, loss: float) -> tuple[float, float]:
+            return (x0 + (step - s_lo) / (s_hi - s_lo) * (x1 - x0),
+                    y0 - (loss - l_lo) / (l_hi - l_lo) * (y0 - y1))
+
+        for tick in _nice_ticks(l_lo, l_hi):
+            _, y = xy(s_lo, tick)
+            draw.line([(x0, y), (x1, y)], fill="#eeeeee")
+            draw.text((8, y - 6), f"{tick:.4g}", fill="black", font=font)
+        for tick in _nice_ticks(s_lo, s_hi, count=8):
+            if tick == int(tick):
+                x, _ = xy(tick, l_lo)
+                draw.line([(x, y0), (x, y0 + 5)], fill="black")
+                draw.text((x - 3 * len(str(int(tick))), y0 + 8), str(int(tick)), fill="black", font=font)
+        raw = [xy(s, v) for s, v in points]
+        smooth = [xy(s, v) for s, v in zip(steps, _smooth(losses))]
+        if len(raw) > 1:
+            draw.line(raw, fill="#9ecae1", width=1)
+            draw.line(smooth, fill="#08519c", width=3)
+        else:
+            x, y = raw[0]
+            draw.ellipse([(x - 3, y - 3), (x + 3, y + 3)], fill="#08519c")
+        draw.line([(x1 - 190, 22), (x1 - 170, 22)], fill="#9ecae1", width=2)
+        draw.text((x1 - 165, 16), "loss", fill="black", font=font)
+        draw.line([(x1 - 120, 22), (x1 - 100, 22)], fill="#08519c", width=3)
+        draw.text((x1 - 95, 16), "moving avg", fill="black", font=font)
+    else:
+        draw.text((width // 2 - 60, height // 2), "no finite loss yet", fill="gray", font=font)
+    draw.line([(x0, y1), (x0, y0), (x1, y0)], fill="black", width=1)
+    draw.text(((x0 + x1) // 2 - 12, height - 22), "step", fill="black", font=font)
+    draw.text((8, top - 28), "loss", fill="black", font=font)
+    image.save(out)
