@@ -18,17 +18,18 @@ from qwen3vl.model.transformer_configs import text_transformer_config, vision_tr
 
 def build_model_chunks(config: Qwen3VLConfig, dtype: torch.dtype = torch.float32,
                        pipeline_layers: Optional[Sequence[int]] = None, attention_backend: str = "auto",
-                       **overrides: Any) -> list[Qwen3VLModel]:
+                       vision_recompute: Optional[bool] = None, **overrides: Any) -> list[Qwen3VLModel]:
     """This rank's model chunks. ``overrides`` go to the LLM's TransformerConfig (e.g. sequence_parallel,
     recompute_granularity, calculate_per_token_loss); ``pipeline_layers`` gives an uneven split
-    (layers per stage; the first stage must hold the DeepStack layers)."""
+    (layers per stage; the first stage must hold the DeepStack layers). ``vision_recompute`` recomputes
+    every ViT block in the backward pass; None follows the LLM (on with its full recompute)."""
     config.validate()
     text_config = text_transformer_config(config, dtype, pipeline_layers, **overrides)
-    # The ViT follows the LLM's full activation recompute (its other settings do not apply to it).
-    full_recompute = overrides.get("recompute_granularity") == "full"
+    if vision_recompute is None:
+        vision_recompute = overrides.get("recompute_granularity") == "full"
     vision_config = vision_transformer_config(config, dtype, **(
         dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-        if full_recompute else {}))
+        if vision_recompute else {}))
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vpp or 1):

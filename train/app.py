@@ -65,7 +65,7 @@ def build_model_chunks(cfg: Qwen3VLTrainConfig, model_config, dtype: torch.dtype
 
     chunks = build.build_model_chunks(model_config, dtype, cfg.parallel.pipeline_layers,
                                       calculate_per_token_loss=True, sequence_parallel=cfg.parallel.sequence_parallel,
-                                      **recompute_overrides(cfg))
+                                      vision_recompute=cfg.train.recompute.vision, **recompute_overrides(cfg))
     for chunk in chunks:
         if not hasattr(chunk, "model_type"):  # megatron's schedules read it (GPTModel sets it itself)
             chunk.model_type = ModelType.encoder_or_decoder
