@@ -7,7 +7,7 @@ all-gathers the updated parameters. The same call serves CPU fp32 runs and GPU b
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -34,12 +34,17 @@ def default_ddp_config() -> DistributedDataParallelConfig:
 def wrap_for_training(model_chunks: Sequence[torch.nn.Module], layout: ParallelLayout,
                       optimizer_config: OptimizerConfig,
                       ddp_config: Optional[DistributedDataParallelConfig] = None,
+                      config_overrides: Optional[dict[Any, Any]] = None,
                       ) -> tuple[list[DistributedDataParallel], MegatronOptimizer]:
     """Wrap each model chunk (one per virtual pipeline stage) in DDP and build the ZeRO-1 optimizer.
 
     bf16/fp16 chunks (``optimizer_config.bf16``/``fp16``) are first wrapped in megatron's Float16Module
     so the optimizer keeps fp32 main weights. Also installs on the model config the hooks megatron's
     schedules call (gradient sync deferral and ``finalize_model_grads``).
+
+    ``config_overrides`` is megatron's per-parameter-group override map (``ParamKey`` ->
+    ``ParamGroupOverride``, e.g. ``{"max_lr": ..., "min_lr": ..., "wd_mult": 0.0}``), passed straight to
+    ``get_megatron_optimizer`` so the optimizer is built once, already split into the caller's groups.
 
     Returns:
         (DDP-wrapped chunks, optimizer); call ``chunk.zero_grad_buffer()`` on every chunk and
@@ -65,7 +70,7 @@ def wrap_for_training(model_chunks: Sequence[torch.nn.Module], layout: ParallelL
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(
-        optimizer_config, ddp_chunks,
+        optimizer_config, ddp_chunks, config_overrides=config_overrides,
         # Extra gloo copies of the DP groups exist only on GPU runs (see groups.initialize_parallel).
         use_gloo_process_groups=torch.cuda.is_available())
     return ddp_chunks, optimizer

@@ -76,7 +76,7 @@ def build_model_chunks(cfg: Qwen3VLTrainConfig, model_config, dtype: torch.dtype
 
 def build_optimizer(cfg: Qwen3VLTrainConfig, chunks, layout, dtype: torch.dtype, steps: int, warmup: int):
     """megatron DDP + distributed optimizer (ZeRO-1) with per-part lrs, and its lr schedule."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from qwen3vl.parallel.zero1 import wrap_for_training
@@ -89,10 +89,9 @@ def build_optimizer(cfg: Qwen3VLTrainConfig, chunks, layout, dtype: torch.dtype,
         adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
         use_distributed_optimizer=True)
-    ddp_chunks, _ = wrap_for_training(chunks, layout, opt_cfg)
-    # wrap_for_training builds megatron's default groups; ours split them by part (lr) as well.
-    optimizer = get_megatron_optimizer(opt_cfg, ddp_chunks, config_overrides=param_group_overrides(part_lrs),
-                                       use_gloo_process_groups=torch.cuda.is_available())
+    # The per-part groups go into the one optimizer build (a second build would double start-up memory).
+    ddp_chunks, optimizer = wrap_for_training(chunks, layout, opt_cfg,
+                                              config_overrides=param_group_overrides(part_lrs))
     for chunk in ddp_chunks:
         chunk.config.grad_scale_func = optimizer.scale_loss
     style = getattr(s.decay_style, "value", s.decay_style)
