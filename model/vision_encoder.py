@@ -9,15 +9,18 @@ Returns the merged features of every visual token in pixel_values order and the 
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, checkpoint
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 
 from qwen3vl.model.attention import build_packed_seq_params, core_attention_class
 from qwen3vl.model.config import VisionConfig
@@ -70,6 +73,27 @@ class VisionEncoder(MegatronModule):
             PatchMerger(transformer_config, vision.hidden_size, vision.out_hidden_size, merge,
                         postshuffle_norm=True, eps=vision.layer_norm_eps)
             for _ in self.deepstack_visual_indexes)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> ShardedStateDict:
+        """Like megatron's TransformerBlock: every ViT block and DeepStack merger gives its own sharded
+        state dict (``layers.<i>.``, ``deepstack_merger_list.<j>.``), so their tensor-parallel weights are
+        saved as TP shards. megatron's default would read these plain ModuleLists as replicated tensors of
+        their local shape. The other children (patch embedding, positions, final merger) keep the default:
+        their own ``sharded_state_dict`` where they have one, else replicated over TP.
+        """
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        # Named explicitly: given only the dp_cp group, megatron's helpers give every TP rank replica id 0.
+        tp_group = getattr(self, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
+        sharded = {}
+        for name, child in self.named_children():
+            if isinstance(child, torch.nn.ModuleList):
+                for index, item in enumerate(child):
+                    sharded.update(item.sharded_state_dict(f"{prefix}{name}.{index}.", sharded_offsets, metadata))
+            else:
+                sharded.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                          tp_group=tp_group))
+        return sharded
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """pixel_values [N, patch_dim], grid_thw [M, 3] -> (features [N/4, H], DeepStack features J x [N/4, H])."""

@@ -191,36 +191,10 @@ def _model_key(i: int, n: int) -> str:
 
 
 def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    # Each chunk's own sharded_state_dict; the ViT (qwen3vl.model.vision_encoder) defines one that saves
+    # the tensor-parallel shards of its blocks and DeepStack mergers.
     n = len(model_chunks)
-    return {_model_key(i, n): _chunk_sharded_state_dict(unwrap(c)) for i, c in enumerate(model_chunks)}
-
-
-def _chunk_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
-    """``model.sharded_state_dict()``, with the tensor-parallel layout of modules held in plain ModuleLists.
-
-    megatron's default ``MegatronModule.sharded_state_dict`` reads a ``torch.nn.ModuleList`` child as a
-    plain state dict, so the TP-sharded weights of its items (e.g. the ViT's layers, the DeepStack
-    mergers) would be recorded with their *local* shape as if replicated: wrong under TP > 1. For
-    every ModuleList whose owner does not define its own ``sharded_state_dict``, the entries are
-    rebuilt from each item's own ``sharded_state_dict`` (TransformerBlock, which does, is left alone).
-    """
-    from megatron.core.transformer.module import MegatronModule
-
-    sd = model.sharded_state_dict()
-    for owner_name, owner in model.named_modules():
-        if not isinstance(owner, MegatronModule) or type(owner).sharded_state_dict is not MegatronModule.sharded_state_dict:
-            continue
-        for child_name, child in owner.named_children():
-            if not isinstance(child, torch.nn.ModuleList):
-                continue
-            prefix = f"{owner_name}.{child_name}." if owner_name else f"{child_name}."
-            if not all(hasattr(item, "sharded_state_dict") for item in child):
-                continue
-            for key in [k for k in sd if k.startswith(prefix)]:
-                del sd[key]
-            for i, item in enumerate(child):
-                sd.update(item.sharded_state_dict(prefix=f"{prefix}{i}."))
-    return sd
+    return {_model_key(i, n): unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
 
 
 def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState | None, loader_state: Any,
