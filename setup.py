@@ -34,8 +34,10 @@ setup(
     ],
     extras_require={
         # The reference implementation for parity tests and for Hugging Face conversion.
-        "test": ["transformers==5.23.0", "pytest==9.0.3", "pytest-timeout==2.4.0"],
+        "test": ["transformers==5.23.0", "pytest==9.0.3", "pytest-timeout==2.4.0", "av==18.1.0"],
         "convert": ["transformers==5.23.0"],
+        # Video file members (mp4, webm, mkv) decoded with PyAV, imported lazily; frames need nothing.
+        "video": ["av==18.1.0"],
         # GPU only: fused attention and kernels. Imported lazily; never required.
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -43,6 +43,7 @@ from qwen3vl.data.processing_config import ProcessingConfig
 from qwen3vl.data.sample_format import (BadSample, Document, ImagePart, RawSample, TextPart, VideoPart,
                                         parse_sample)
 from qwen3vl.data.tokenizer import Tokenizer, load_tokenizer
+from qwen3vl.data.video_decoding import decode_frames, probe_video
 from qwen3vl.data.video_processing import (format_timestamp, frames_size, plan_video, process_video,
                                            sample_frame_indices)
 from qwen3vl.model.rope_index import get_rope_index
@@ -174,6 +175,8 @@ class SampleEncoder:
         return _Media(IMAGE, grid, load)
 
     def _video(self, raw: RawSample, part: VideoPart) -> tuple[_Media, list[float]]:
+        if part.file is not None:
+            return self._video_file(raw, part.file)
         c = self.cfg
         where = f"sample {raw.key!r} video"
         indices = sample_frame_indices(len(part.frames), part.fps, c.video_fps, c.video_min_frames,
@@ -181,15 +184,34 @@ class SampleEncoder:
         names = [part.frames[i] for i in indices]
         frames = [open_image(raw.media[n], f"{where} frame {n!r}") for n in names]
         times = [part.timestamps[i] for i in indices]
-        settings = c.video_settings()
+
+        def load_frames() -> list:
+            return [load_rgb(f, f"{where} frame {n!r}") for f, n in zip(frames, names)]
+
+        return self._video_media(where, lambda: frames_size(frames), times, load_frames)
+
+    def _video_file(self, raw: RawSample, name: str) -> tuple[_Media, list[float]]:
+        """A video file member: sampled like stored frames at the stream's rate (frame i at i / fps)."""
+        c = self.cfg
+        where = f"sample {raw.key!r} video {name!r}"
+        info = probe_video(raw.media[name], where)
+        indices = sample_frame_indices(info.num_frames, info.fps, c.video_fps, c.video_min_frames,
+                                       c.video_max_frames)
+        times = [i / info.fps for i in indices]
+        return self._video_media(where, lambda: (info.height, info.width), times,
+                                 lambda: decode_frames(raw.media[name], indices, where))
+
+    def _video_media(self, where: str, size: Callable[[], tuple[int, int]], times: list[float],
+                     load_frames: Callable[[], list]) -> tuple[_Media, list[float]]:
+        """Plans a sampled clip from its frame size now; ``load_frames`` gives its RGB frames later."""
+        settings = self.cfg.video_settings()
         try:
-            plan = plan_video(len(frames), *frames_size(frames), times, settings)
+            plan = plan_video(len(times), *size(), times, settings)
         except BadSample as e:
             raise BadSample(e.reason, f"{where}: {e.message}") from None
 
         def load() -> torch.Tensor:
-            pixels, _ = process_video([load_rgb(f, f"{where} frame {n!r}") for f, n in zip(frames, names)],
-                                      times, settings)
+            pixels, _ = process_video(load_frames(), times, settings)
             return pixels
 
         return _Media(VIDEO, plan.grid_thw, load), plan.group_times

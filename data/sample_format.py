@@ -18,6 +18,8 @@ JSON schema, by ``kind`` (every kind may also carry free ``"source"`` / ``"id"``
 ``VIDEO`` is a clip stored as decoded frames: ``{"frames": ["f0.jpg", "f1.jpg", ...], "fps": 30.0}``
 (frames are consecutive at ``fps``), optionally with ``"frame_indices": [...]`` (indices of the stored
 frames in a source video of rate ``fps``) or instead ``"timestamps": [...]`` (seconds, increasing).
+A clip may instead be a video file member, ``{"file": "clip.mp4"}`` (any container PyAV reads: mp4,
+webm, mkv...); it is decoded with PyAV (``pip install av``) when the sample is encoded.
 
 ``parse_sample`` turns the JSON into a ``Document`` (a list of ``Message``s of typed parts) and raises
 ``BadSample`` with a stable reason code for anything malformed. Media bytes are only checked for
@@ -46,6 +48,8 @@ REASONS = (
     "too_long_multimodal",  # a multimodal sample longer than one packed row (never cut through an image)
     "too_many_patches",  # more ViT patches than one row may carry
     "no_loss_tokens",  # nothing to train on (e.g. a conversation without an assistant turn)
+    "no_video_decoder",  # a video file member but PyAV (``pip install av``) is not installed
+    "corrupt_video",  # video file bytes do not decode (truncated, garbage, no video stream)
 )
 
 
@@ -85,9 +89,10 @@ class ImagePart:
 
 @dataclass(frozen=True)
 class VideoPart:
-    frames: tuple[str, ...]  # names in RawSample.media, in time order
+    frames: tuple[str, ...]  # names in RawSample.media, in time order (empty for a video file)
     timestamps: tuple[float, ...]  # seconds of each stored frame in the source video
     fps: float  # rate of the stored frame sequence (frames per second of the clip as stored)
+    file: str | None = None  # name in RawSample.media of a video file; frames/fps come from its stream
 
 
 Part = Union[TextPart, ImagePart, VideoPart]
@@ -141,7 +146,9 @@ def _media(raw: RawSample, name: Any, where: str) -> str:
 
 def _video(raw: RawSample, spec: Any, where: str) -> VideoPart:
     if not isinstance(spec, dict):
-        raise _fail("wrong_type", raw, f"{where}video must be an object with 'frames'")
+        raise _fail("wrong_type", raw, f"{where}video must be an object with 'frames' or 'file'")
+    if "file" in spec:  # frame count, rate and size are only known once the file is opened (encode.py)
+        return VideoPart((), (), 0.0, _media(raw, spec["file"], where + "video "))
     frames = _require(raw, spec, "frames", list, where + "video ")
     if not frames:
         raise _fail("missing_field", raw, f"{where}video has no frames")
