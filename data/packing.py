@@ -25,10 +25,11 @@ from qwen3vl.data.tokenizer import ENDOFTEXT
 
 
 def pad_multiple_for(context_parallel: int = 1, tensor_parallel: int = 1, sequence_parallel: bool = False) -> int:
-    """Segment alignment: 2·CP so CP can cut each segment into 2·CP zig-zag chunks (1 without CP),
-    times TP with sequence parallelism so every chunk splits evenly over the TP ranks."""
-    multiple = 2 * context_parallel if context_parallel > 1 else 1
-    return multiple * tensor_parallel if sequence_parallel else multiple
+    """Segment alignment for a parallel layout (see ``ParallelLayout.sequence_multiple``)."""
+    from qwen3vl.parallel.layout import ParallelLayout
+
+    return ParallelLayout(tp=tensor_parallel, cp=context_parallel,
+                          sequence_parallel=sequence_parallel).sequence_multiple
 
 
 def padded_length(length: int, pad_multiple: int) -> int:

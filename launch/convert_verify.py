@@ -147,7 +147,7 @@ def verify_worker(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1,
     check_same_architecture(config, hf_dir)
     compute_dtype = DTYPES[dtype]
     sample = build_verify_sample(config)
-    pad_multiple = (2 * cp if cp > 1 else 1) * (tp if sequence_parallel else 1)
+    pad_multiple = ParallelLayout(tp=tp, cp=cp, sequence_parallel=sequence_parallel).sequence_multiple
     batch = sample.packed_batch(config, pad_multiple=pad_multiple)
     with parallel_session(layout) as world_size:
         t = config.text

@@ -63,6 +63,14 @@ class ParallelLayout:
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp
 
+    @property
+    def sequence_multiple(self) -> int:
+        """Every packed segment (hence every sequence) is a multiple of this: 2·cp so context parallelism can
+        cut it into 2·cp zig-zag chunks (1 without CP), times tp with sequence parallelism so each chunk
+        splits evenly over the TP ranks."""
+        multiple = 2 * self.cp if self.cp > 1 else 1
+        return multiple * self.tp if self.sequence_parallel else multiple
+
     def dp(self, world_size: int) -> int:
         """Data-parallel degree for ``world_size`` ranks (validate first: it must divide evenly)."""
         if world_size % self.model_parallel_size:
@@ -195,7 +203,7 @@ def _expert_problems(layout: ParallelLayout, num_experts: Optional[int]) -> list
 
 
 def _sequence_problems(layout: ParallelLayout, seq_length: int) -> list[str]:
-    multiple = (2 * layout.cp if layout.cp > 1 else 1) * (layout.tp if layout.sequence_parallel else 1)
+    multiple = layout.sequence_multiple
     if seq_length % multiple == 0:
         return []
     parts = []

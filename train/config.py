@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from qwen3vl.parallel.layout import ParallelLayout
+
 SCHEMA_NAME = "qwen3vl_train_schema"
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # Parts of the model that can be trained or frozen (train.trainable); "all" means every part.
@@ -198,7 +200,7 @@ def run_shape(cfg: Qwen3VLTrainConfig, world_size: int) -> RunShape:
     steps = t.steps if t.steps is not None else math.ceil(t.token_budget / t.global_batch_tokens)
     s = cfg.schedule
     warmup = s.warmup_steps if s.warmup_steps is not None else int(round(s.warmup_fraction * steps))
-    pad = (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sequence_parallel else 1)
+    pad = ParallelLayout(tp=p.tp, cp=p.cp, sequence_parallel=p.sequence_parallel).sequence_multiple
     return RunShape(world_size=world_size, dp=dp, global_rows=rows,
                     num_microbatches=rows // (dp * t.micro_batch_rows), steps=steps, warmup_steps=warmup,
                     pad_multiple=pad)

@@ -12,6 +12,7 @@ from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from qwen3vl.parallel.layout import ParallelLayout
 from qwen3vl.train.config import (TRAINABLE_PARTS, ConfigError, Qwen3VLTrainConfig, run_shape)
 
 DEMO_SHARDS = "demo"
@@ -95,8 +96,6 @@ def _model_problems(cfg: Qwen3VLTrainConfig, problems: list[str]) -> Any:
 
 # --- layout and sizes ----------------------------------------------------------------------------------
 def _layout_problems(cfg: Qwen3VLTrainConfig, model: Any, world_size: int) -> list[str]:
-    from qwen3vl.parallel.layout import ParallelLayout
-
     p = cfg.parallel
     layout = ParallelLayout(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp,
                             sequence_parallel=p.sequence_parallel)
@@ -120,7 +119,7 @@ def _sequence_problems(cfg: Qwen3VLTrainConfig) -> list[str]:
     p, seq = cfg.parallel, cfg.train.seq_length
     if seq < 2 or p.cp < 1 or p.tp < 1:
         return [f"train.seq_length={seq} must be at least 2"] if seq < 2 else []
-    multiple = (2 * p.cp if p.cp > 1 else 1) * (p.tp if p.sequence_parallel else 1)
+    multiple = ParallelLayout(tp=p.tp, cp=p.cp, sequence_parallel=p.sequence_parallel).sequence_multiple
     if seq % multiple == 0:
         return []
     why = f"2·parallel.cp = {2 * p.cp}" if p.cp > 1 else ""

@@ -120,3 +120,15 @@ def test_model_dims_entry_point():
     ParallelLayout(pp=2).validate_for(2, dims, seq_length=8192)
     with pytest.raises(LayoutError, match="sums to 28"):
         ParallelLayout(pp=2).validate_for(2, ModelDims(16, 8, 29, pipeline_layers=(15, 13)))
+
+
+@pytest.mark.parametrize("layout, multiple", [
+    (ParallelLayout(), 1), (ParallelLayout(cp=2), 4), (ParallelLayout(tp=4, sequence_parallel=True), 4),
+    (ParallelLayout(tp=2, cp=4, sequence_parallel=True), 16), (ParallelLayout(tp=2, cp=4), 8)])
+def test_sequence_multiple_is_what_the_sequence_rule_enforces(layout, multiple):
+    assert layout.sequence_multiple == multiple
+    dims = dict(num_attention_heads=8, num_query_groups=8, num_layers=8)
+    world = layout.model_parallel_size
+    assert not any("seq_length" in p for p in layout.problems(world, seq_length=8 * multiple, **dims))
+    if multiple > 1:
+        assert any("seq_length" in p for p in layout.problems(world, seq_length=8 * multiple + 1, **dims))
