@@ -36,9 +36,9 @@ def _bf16_body(preset: str) -> dict:
             "loss_finite": bool(torch.isfinite(loss).all()), "grads_finite": grads_finite}
 
 
-@pytest.mark.parametrize("preset, tolerance", [("tiny", 1e-4), ("tiny-moe", 0.05)])
+@pytest.mark.parametrize("preset, tolerance", [("tiny", 1e-4), ("tiny-moe", 0.03)])
 def test_bf16(preset, tolerance):
     result = run_distributed(_bf16_body, world_size=1, preset=preset)[0]
     assert result["dtype"] == "torch.bfloat16"
-    assert result["diff"] <= tolerance  # measured: 0.0 dense, 0.015 MoE (expert sums in another order)
+    assert result["diff"] <= tolerance  # measured: 0.0 dense, 0.015 MoE (expert sums in another order); bound = 2x measured
     assert result["loss_dtype"] == "torch.float32" and result["loss_finite"] and result["grads_finite"]

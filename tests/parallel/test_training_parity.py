@@ -78,7 +78,8 @@ def test_bf16_zero1_under_tp2_tracks_fp32(tmp_path):
     """The GPU path (Float16Module, fp32 main weights in the distributed optimizer), run on CPU."""
     per_rank = run_distributed(reference_then_layouts, world_size=2, timeout=300, bf16=True,
                                checkpoint_dir=str(tmp_path / "initial"), layouts=[dict(tp=2)])
-    # bf16 rounding (8 mantissa bits) against the fp32 reference: measured 5e-4 on losses, 3 % on norms.
-    assert_matches_reference(per_rank, [dict(tp=2, dp=1)], loss_tolerance=1e-3, norm_tolerance=0.1)
+    # bf16 rounding (8 mantissa bits) against the fp32 reference: measured 5e-4 on losses, 3 % on norms
+    # (deterministic on CPU); the bounds are those measurements with a factor of 2 at most.
+    assert_matches_reference(per_rank, [dict(tp=2, dp=1)], loss_tolerance=1e-3, norm_tolerance=0.06)
     reference, runs = per_rank[0]
     assert runs[0]["steps"] != reference  # bf16 really was in effect
