@@ -6,15 +6,20 @@ call with a dense [T, T] block-diagonal causal mask, forward + backward.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from qwen3vl.model.attention import PackedCoreAttention, build_packed_seq_params
-from qwen3vl.model.attention_reference import packed_attention_mask
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))  # qwen3vl_testing
+
+from qwen3vl.model.attention import PackedCoreAttention
+from qwen3vl.parallel.micro_batch import build_packed_seq_params
+from qwen3vl_testing.attention_reference import packed_attention_mask
 
 
 def split_lengths(total: int, samples: int) -> list[int]:

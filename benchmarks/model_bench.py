@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))  # qwen3vl_testing
 
 from qwen3vl.data.batch import IMAGE
 from qwen3vl.model.config import Qwen3VLConfig, TextConfig, VisionConfig
@@ -68,17 +72,17 @@ class Contender:
 
 def build_contenders(config: Qwen3VLConfig, image: int, text_tokens: int) -> tuple[Contender, Contender, int]:
     from qwen3vl.model.build import build_model_chunks
-    from qwen3vl.model.hf_reference import build_hf_model
-    from qwen3vl.model.hf_weights import hf_to_mcore_state_dict
-    from qwen3vl.model.state_dict_sharding import load_full_state_dict
-    from qwen3vl.model.testing import SampleBuilder, pack_samples
+    from qwen3vl.model.interop.hf_reference import build_hf_model
+    from qwen3vl.model.interop.hf_weights import hf_to_mcore_state_dict
+    from qwen3vl.model.interop.state_dict_sharding import load_full_state_dict
+    from qwen3vl_testing.model_cases import SampleBuilder, pack_samples
     from qwen3vl.parallel.context_parallel import model_inputs
 
     patches = image // config.vision.patch_size
     half = text_tokens // 2
     sample = SampleBuilder(config, seed=0).text(half).image(patches, patches).text(text_tokens - half).build()
     inputs = model_inputs(pack_samples([sample]))
-    predicted = int((inputs["labels"] >= 0).sum())
+    predicted = int((inputs.labels >= 0).sum())
 
     reference = build_hf_model(config).train()  # transformers' defaults: sdpa attention, fp32
     [ours] = build_model_chunks(config, moe_aux_loss_coeff=0.0)
@@ -86,7 +90,7 @@ def build_contenders(config: Qwen3VLConfig, image: int, text_tokens: int) -> tup
     ours.train()
 
     def ours_step() -> float:
-        loss = ours(**inputs).sum() / predicted
+        loss = ours(**inputs.model_kwargs()).sum() / predicted
         loss.backward()
         return loss.item()
 

@@ -31,6 +31,22 @@ TEXT, IMAGE, VIDEO = 0, 1, 2
 PATCH_DIM = 1536
 
 
+@dataclass(frozen=True)
+class SampleOrigin:
+    """Where one packed sample came from, for the data trace: ``id`` is ``"<shard>:<key>"``; ``chunk``
+    numbers the pieces of a text document longer than a row."""
+
+    id: str
+    dataset: str
+    epoch: int
+    tokens: int
+    chunk: int = 0
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "dataset": self.dataset, "epoch": self.epoch, "tokens": self.tokens,
+                "chunk": self.chunk}
+
+
 @dataclass
 class PackedBatch:
     tokens: torch.Tensor  # [T] int64 token ids, T = seq_length
@@ -43,6 +59,7 @@ class PackedBatch:
     pixel_values: torch.Tensor  # [N_patches, PATCH_DIM] float, images and videos in row order
     grid_thw: torch.Tensor  # [M, 3] int64 (t, h, w) in patches, one row per image/video, row order
     pad_multiple: int = 1
+    samples: tuple[SampleOrigin, ...] = ()  # one per packed sample, in row order (empty outside the loader)
 
     # --- derived views -------------------------------------------------------------------------
     @property
@@ -85,6 +102,11 @@ class PackedBatch:
             for f in fields(self)
         }
         return replace(self, **moved)
+
+    def pin_memory(self) -> "PackedBatch":
+        """The same row in page-locked memory (for an asynchronous copy to the GPU)."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def validate(self) -> None:
         """Checks the invariants above; raises ValueError naming the broken one."""

@@ -6,6 +6,7 @@
     qwen3vl-data demo --out DIR [--seed S]
     qwen3vl-data inspect SHARDS... [--json]
     qwen3vl-data bench [--seq-length 8192] [--json]
+    qwen3vl-data trace-summary RUN_DIR [--json]
 
 With ``--json`` the last line of the output is one JSON object (for scripts and CI).
 """
@@ -15,7 +16,20 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    """Wrong input (missing or unreadable files, malformed sources, broken datasets): the message says it all."""
+    from qwen3vl.data.dataset_errors import DatasetError  # imported here: webdataset imports torch (seconds)
+    from qwen3vl.data.robust import TooManyBadSamples
+
+    return OSError, json.JSONDecodeError, UnicodeDecodeError, DatasetError, TooManyBadSamples
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _build(args) -> dict:
@@ -60,11 +74,23 @@ def _bench(args) -> dict:
     from qwen3vl.data.bench import run_bench
 
     result = run_bench(seq_length=args.seq_length, rows=args.rows, pack_buffer=args.pack_buffer,
-                       corpus=args.corpus, samples=args.samples)
+                       corpus=args.corpus, samples=args.samples, by_kind=not args.corpus)
     print(f"{result['tokens_per_s_per_core']:.0f} tokens/s per core, packing efficiency "
           f"{100 * result['packing_efficiency']:.2f}% at {result['seq_length']} "
           f"({result['rows']} rows, {result['cpu_s']} CPU s)")
+    if "by_kind" in result:
+        print("by kind (tokens/s per core): " + ", ".join(f"{k} {v:.0f}" for k, v in result["by_kind"].items())
+              + f"; decode floor of captions {result['decode_floor_tokens_per_s']:.0f} "
+              f"(captions at {100 * result['caption_fraction_of_floor']:.0f}% of it)")
     return result
+
+
+def _trace_summary(args) -> dict:
+    from qwen3vl.data.trace import format_summary, summarize
+
+    report = summarize(args.run_dir)
+    print(format_summary(report))
+    return report
 
 
 def parser() -> argparse.ArgumentParser:
@@ -105,15 +131,29 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--corpus", help="use these shards instead of the generated standard mix")
     r.set_defaults(run=_bench)
 
-    for command in (b, d, i, r):
+    t = sub.add_parser("trace-summary", help="per dataset and epoch: samples seen once, twice, never (data.trace=true)")
+    t.add_argument("run_dir", help="the run directory (holding data_trace/)")
+    t.set_defaults(run=_trace_summary)
+
+    for command in (b, d, i, r, t):
         command.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command; a failure ends with one line naming its cause (exit 2: bad input, 1: a bug)."""
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    result = args.run(args)
+    prog = f"qwen3vl-data {args.command}"
+    try:
+        result = args.run(args)
+    except input_errors() as error:
+        print(f"{prog}: error: {type(error).__name__}: {_one_line(error)}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as error:  # noqa: BLE001 - a bug: its traceback, then the one line
+        traceback.print_exc()
+        print(f"{prog}: failed: {type(error).__name__}: {_one_line(error)}", file=sys.stderr, flush=True)
+        return 1
     if args.json:
         sys.stdout.flush()
         print(json.dumps(result, sort_keys=True))

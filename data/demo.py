@@ -11,7 +11,9 @@ learn it: the caption is a function of the picture. Subsets, one folder of shard
                    the demo's final captioning check (compositional generalisation, not memorisation).
 
 ``manifest.json`` lists the subsets, their shard patterns and sample counts, and the held-out
-combinations with their reference captions.
+combinations with their reference captions. The patterns are relative to the manifest's folder, so a
+copied or moved corpus is read where it is now (``read_manifest`` resolves them), never where it was
+written.
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+import torch.distributed as dist
+
+from qwen3vl.data.loader import DatasetSpec
 from qwen3vl.data.shards import ShardWriter
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20),
@@ -31,6 +36,7 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
              "bottom right": (0.75, 0.75), "center": (0.5, 0.5)}
 IMAGE_SIZE, VIDEO_SIZE, VIDEO_FRAMES, VIDEO_FPS = 256, 128, 8, 2.0
+MANIFEST = "manifest.json"
 
 
 def article(word: str) -> str:
@@ -45,6 +51,17 @@ class Combo:
 
     def caption(self) -> str:
         return f"{article(self.colour).capitalize()} {self.colour} {self.shape} in the {self.position}."
+
+
+def parse_caption(text: str) -> Combo | None:
+    """The (colour, shape, position) a caption states first, or None when one of them is missing."""
+    found = []
+    for words in (COLOURS, SHAPES, POSITIONS):
+        hits = [(text.find(w), w) for w in words if w in text]
+        if not hits:
+            return None
+        found.append(min(hits)[1])
+    return Combo(*found)
 
 
 def all_combos() -> list[Combo]:
@@ -161,7 +178,50 @@ def write_demo(out: str | Path, *, seed: int = 0, captions: int = 240, videos: i
             for i, (meta, media) in enumerate(samples):
                 writer.write(f"{name}{i:06d}", meta, media)
         last = len(writer.paths) - 1
-        manifest["subsets"][name] = {"pattern": str(out / name / f"{name}-{{000000..{last:06d}}}.tar"),
+        manifest["subsets"][name] = {"pattern": f"{name}/{name}-{{000000..{last:06d}}}.tar",
                                      "samples": len(samples), "shards": len(writer.paths)}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return read_manifest(out)
+
+
+def read_manifest(corpus_dir: str | Path) -> dict:
+    """``<corpus_dir>/manifest.json`` with every subset's pattern resolved against ``corpus_dir``."""
+    corpus_dir = Path(corpus_dir).resolve()
+    manifest = json.loads((corpus_dir / MANIFEST).read_text())
+    for name, subset in manifest["subsets"].items():
+        pattern = Path(subset["pattern"])
+        if pattern.is_absolute() and pattern.parent.name == name:
+            pattern = Path(name) / pattern.name  # written before patterns were relative: the layout is fixed
+        subset["pattern"] = str(corpus_dir / pattern)
     return manifest
+
+
+# The subset an evaluation dataset that says `shards: demo` reads: combinations no training subset shows.
+HELDOUT_SUBSET = "heldout"
+
+# What a dataset that says `shards: demo` trains on: these subsets, weighted within it (the demo is judged on
+# captions); the held-out split stays out of training.
+TRAINING_SUBSETS = {"caption": 4.0, "video": 1.0, "interleaved": 1.0, "text": 1.0}
+
+
+def ensure_demo_corpus(demo_dir: str | Path) -> dict:
+    """Rank 0 writes the demo corpus once; the others wait for it. Returns its manifest (patterns resolved
+    against ``demo_dir``, so a copied corpus is read where it is)."""
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not (Path(demo_dir) / MANIFEST).is_file():
+        write_demo(demo_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return read_manifest(demo_dir)
+
+
+def demo_datasets(demo_dir: str | Path, weight: float) -> list[DatasetSpec]:
+    """The loader's datasets for one `shards: demo` entry of weight ``weight``: one per training subset."""
+    manifest = ensure_demo_corpus(demo_dir)
+    return [DatasetSpec(manifest["subsets"][name]["pattern"], weight * share, name)
+            for name, share in TRAINING_SUBSETS.items()]
+
+
+def demo_heldout(demo_dir: str | Path, name: str = HELDOUT_SUBSET) -> DatasetSpec:
+    """The evaluation dataset of an `eval.datasets` entry with `shards: demo`: the corpus's held-out split."""
+    manifest = ensure_demo_corpus(demo_dir)
+    return DatasetSpec(manifest["subsets"][HELDOUT_SUBSET]["pattern"], 1.0, name)

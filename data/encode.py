@@ -34,19 +34,20 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
-from qwen3vl.data.batch import IGNORE_INDEX, IMAGE, PATCH_DIM, TEXT, VIDEO
+from qwen3vl.data.batch import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from qwen3vl.data.encoded_sample import EncodedSample
-from qwen3vl.data.image_processing import image_grid, load_rgb, open_image, process_image
+from qwen3vl.data.image_processing import DecodedFrames, image_frames, image_grid, load_rgb, open_image
 from qwen3vl.data.processing_config import ProcessingConfig
 from qwen3vl.data.sample_format import (BadSample, Document, ImagePart, RawSample, TextPart, VideoPart,
                                         parse_sample)
 from qwen3vl.data.tokenizer import Tokenizer, load_tokenizer
 from qwen3vl.data.video_decoding import decode_frames, probe_video
-from qwen3vl.data.video_processing import (format_timestamp, frames_size, plan_video, process_video,
+from qwen3vl.data.video_processing import (format_timestamp, frames_size, plan_video, video_frames,
                                            sample_frame_indices)
-from qwen3vl.model.rope_index import get_rope_index
+from qwen3vl.data.rope_index import get_rope_index
 
 
 @dataclass
@@ -71,7 +72,7 @@ class _Visual:
 class _Media:
     kind: int
     grid: tuple[int, int, int]
-    load: Callable[[], torch.Tensor]  # decodes the pixels: called only once the sample is known to fit
+    decode: Callable[[], DecodedFrames]  # decodes the pixels: called only once the sample is known to fit
 
 
 class SampleEncoder:
@@ -98,8 +99,8 @@ class SampleEncoder:
             spans = [(0, len(ids))]
         else:
             spans = [(s, min(s + self.cfg.seq_length, len(ids))) for s in range(0, len(ids), self.cfg.seq_length)]
-        pixels = [m.load() for m in media]
-        samples = [self._sample(ids[a:b], loss[a:b], types[a:b], media, pixels, doc) for a, b in spans]
+        decoded = tuple(m.decode() for m in media)
+        samples = [self._sample(ids[a:b], loss[a:b], types[a:b], media, decoded, doc) for a, b in spans]
         samples = [s for s in samples if s.num_loss_tokens > 0]
         if not samples:
             raise BadSample("no_loss_tokens", f"sample {raw.key!r} has no token to train on")
@@ -167,12 +168,11 @@ class SampleEncoder:
         except BadSample as e:
             raise BadSample(e.reason, f"{where}: {e.message}") from None
 
-        def load() -> torch.Tensor:
-            pixels, _ = process_image(load_rgb(image, where), c.min_pixels, c.max_pixels, c.patch_size,
-                                      c.merge_size, c.temporal_patch_size)
-            return pixels
+        def decode() -> DecodedFrames:
+            return image_frames(load_rgb(image, where), c.min_pixels, c.max_pixels, c.patch_size, c.merge_size,
+                                c.temporal_patch_size)
 
-        return _Media(IMAGE, grid, load)
+        return _Media(IMAGE, grid, decode)
 
     def _video(self, raw: RawSample, part: VideoPart) -> tuple[_Media, list[float]]:
         if part.file is not None:
@@ -210,38 +210,41 @@ class SampleEncoder:
         except BadSample as e:
             raise BadSample(e.reason, f"{where}: {e.message}") from None
 
-        def load() -> torch.Tensor:
-            pixels, _ = process_video(load_frames(), times, settings)
-            return pixels
+        def decode() -> DecodedFrames:
+            return video_frames(load_frames(), times, settings)[0]
 
-        return _Media(VIDEO, plan.grid_thw, load), plan.group_times
+        return _Media(VIDEO, plan.grid_thw, decode), plan.group_times
 
     # --- tokens ---------------------------------------------------------------------------------
-    def _tokenize(self, pieces: list) -> tuple[list[int], list[bool], list[int]]:
-        """Pieces -> (ids, is-loss-token, mm type). Adjacent text pieces are tokenised together, as
-        the HF processor tokenises the whole prompt; each token takes the loss flag of the piece its
-        first character belongs to."""
-        ids: list[int] = []
-        loss: list[bool] = []
-        types: list[int] = []
+    def _tokenize(self, pieces: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pieces -> (ids int64, is-loss-token bool, mm type int64). Adjacent text pieces are tokenised
+        together, as the HF processor tokenises the whole prompt; each token takes the loss flag of the
+        piece its first character belongs to. Arrays throughout: a per-token Python loop here would
+        cost more than the tokenizer itself."""
+        ids: list[np.ndarray] = []
+        loss: list[np.ndarray] = []
+        types: list[np.ndarray] = []
         run: list[_Text] = []
 
         def flush_text() -> None:
             if not run:
                 return
             texts = [unicodedata.normalize("NFC", p.text) for p in run]
-            starts, pos = [], 0
-            for t in texts:
-                starts.append(pos)
-                pos += len(t)
-            run_ids, offsets = self.tokenizer.encode_with_offsets("".join(texts))
-            piece = 0
-            for tok, off in zip(run_ids, offsets):
-                while piece + 1 < len(run) and off >= starts[piece + 1]:
-                    piece += 1
-                ids.append(tok)
-                loss.append(run[piece].loss)
-                types.append(TEXT)
+            flags = np.array([p.loss for p in run])
+            if flags.all() or not flags.any():  # one flag for the whole run: no offsets needed
+                run_ids = np.asarray(self.tokenizer.encode("".join(texts)), dtype=np.int64)
+                run_loss = np.full(run_ids.shape, bool(flags[0]))
+            else:
+                starts = np.cumsum([0] + [len(t) for t in texts[:-1]])
+                token_ids, offsets = self.tokenizer.encode_with_offsets("".join(texts))
+                run_ids = np.asarray(token_ids, dtype=np.int64)
+                # The piece a token starts in: the last piece starting at or before its offset (an empty
+                # piece shares its start with the next one and so is never chosen).
+                piece = np.searchsorted(starts, np.asarray(offsets, dtype=np.int64), side="right") - 1
+                run_loss = flags[piece]
+            ids.append(run_ids)
+            loss.append(run_loss)
+            types.append(np.full(run_ids.shape, TEXT, dtype=np.int64))
             run.clear()
 
         for p in pieces:
@@ -250,31 +253,31 @@ class SampleEncoder:
                 continue
             flush_text()
             if isinstance(p, _Special):
-                ids.append(self._ids[p.name])
-                loss.append(p.loss)
-                types.append(TEXT)
+                ids.append(np.array([self._ids[p.name]], dtype=np.int64))
+                loss.append(np.array([p.loss]))
+                types.append(np.array([TEXT], dtype=np.int64))
             else:
                 pad = self._ids["<|image_pad|>" if p.kind == IMAGE else "<|video_pad|>"]
-                ids += [pad] * p.num_tokens
-                loss += [False] * p.num_tokens
-                types += [p.kind] * p.num_tokens
+                ids.append(np.full(p.num_tokens, pad, dtype=np.int64))
+                loss.append(np.zeros(p.num_tokens, dtype=bool))
+                types.append(np.full(p.num_tokens, p.kind, dtype=np.int64))
         flush_text()
-        return ids, loss, types
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, np.int64)
+        return np.concatenate(ids), np.concatenate(loss), np.concatenate(types)
 
-    def _sample(self, ids: list[int], loss: list[bool], types: list[int], media: list[_Media],
-                pixels: list[torch.Tensor], doc: Document) -> EncodedSample:
-        tokens = torch.tensor(ids, dtype=torch.long)
+    def _sample(self, ids: np.ndarray, loss: np.ndarray, types: np.ndarray, media: list[_Media],
+                decoded: tuple[DecodedFrames, ...], doc: Document) -> EncodedSample:
+        tokens = torch.from_numpy(np.ascontiguousarray(ids))
         labels = torch.full_like(tokens, IGNORE_INDEX)
-        is_loss = torch.tensor(loss, dtype=torch.bool)
+        is_loss = torch.from_numpy(np.ascontiguousarray(loss))
         labels[:-1] = torch.where(is_loss[1:], tokens[1:], labels[:-1])
-        mm = torch.tensor(types, dtype=torch.long)
+        mm = torch.from_numpy(np.ascontiguousarray(types))
         image_grids = _grid_tensor([m.grid for m in media if m.kind == IMAGE])
         video_grids = _grid_tensor([m.grid for m in media if m.kind == VIDEO])
         positions = get_rope_index(tokens, image_grids, video_grids, mm, self.cfg.merge_size)
-        pixel_values = torch.cat(pixels) if pixels else torch.zeros(0, PATCH_DIM, dtype=torch.float32)
         return EncodedSample(tokens=tokens, labels=labels, mm_token_type_ids=mm, position_ids=positions,
-                             pixel_values=pixel_values, grid_thw=_grid_tensor([m.grid for m in media]),
-                             kind=doc.kind, key=doc.key)
+                             media=decoded, grid_thw=_grid_tensor([m.grid for m in media]), kind=doc.kind, key=doc.key)
 
 
 def _grid_tensor(grids: list[tuple[int, int, int]]) -> torch.Tensor:

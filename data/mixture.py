@@ -3,7 +3,8 @@
 Weights are sample proportions (a caption and a long document count one each). Draws come from a
 seeded numpy generator whose state is the mixture's whole state, so a restored mixture continues
 with the same choices. A source that runs out (finite ``num_epochs``) leaves the mixture and the
-remaining weights are renormalised.
+remaining weights are renormalised. After a change of layout every consumer's mixture starts afresh
+from a seed that includes the number of layout changes (``{"generation": g}`` as its state).
 """
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ class WeightedMixture:
         self.weights = np.asarray(weights, dtype=np.float64)
         self.active = np.asarray([w > 0 for w in weights])
         # One generator per consumer: each (rank, worker) draws its own independent sequence.
-        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, stream_id, 0x313A])))
+        self.seed, self.stream_id = seed, stream_id
+        self._rng = self._generator(0)
+
+    def _generator(self, generation: int) -> np.random.Generator:
+        words = [self.seed, self.stream_id, 0x313A] + ([generation] if generation else [])
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
 
     @property
     def exhausted(self) -> bool:
@@ -42,5 +48,8 @@ class WeightedMixture:
         return {"rng": self._rng.bit_generator.state, "active": self.active.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
+        if "generation" in state:  # a fresh start after a change of layout
+            self._rng = self._generator(int(state["generation"]))
+            return
         self._rng.bit_generator.state = state["rng"]
         self.active = np.asarray(state["active"], dtype=bool)

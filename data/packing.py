@@ -16,20 +16,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from qwen3vl.data.batch import IGNORE_INDEX, PATCH_DIM, TEXT, PackedBatch
 from qwen3vl.data.encoded_sample import EncodedSample
 from qwen3vl.data.tokenizer import ENDOFTEXT
-
-
-def pad_multiple_for(context_parallel: int = 1, tensor_parallel: int = 1, sequence_parallel: bool = False) -> int:
-    """Segment alignment for a parallel layout (see ``ParallelLayout.sequence_multiple``)."""
-    from qwen3vl.parallel.layout import ParallelLayout
-
-    return ParallelLayout(tp=tensor_parallel, cp=context_parallel,
-                          sequence_parallel=sequence_parallel).sequence_multiple
 
 
 def padded_length(length: int, pad_multiple: int) -> int:
@@ -67,10 +60,18 @@ def best_fit_decreasing(lengths: list[int], patches: list[int], capacity: int,
     return [sorted(g) for g in groups]
 
 
-def build_row(samples: list[EncodedSample], seq_length: int, pad_multiple: int = 1) -> PackedBatch:
+def new_pixel_rows(num_patches: int) -> torch.Tensor:
+    """Uninitialised [num_patches, PATCH_DIM] float32: where a row's patches are written (the default of
+    ``build_row``; worker processes pass one that allocates in shared memory)."""
+    return torch.empty(num_patches, PATCH_DIM, dtype=torch.float32)
+
+
+def build_row(samples: list[EncodedSample], seq_length: int, pad_multiple: int = 1,
+              pixel_rows: Callable[[int], torch.Tensor] = new_pixel_rows) -> PackedBatch:
     """One packed row: samples in the given order, each padded to ``pad_multiple``, then a tail
     segment (real length 0) when the row is not full. Padding holds <|endoftext|>, IGNORE labels,
-    TEXT type and position 0."""
+    TEXT type and position 0. Each sample writes its patch rows straight into the row's pixel tensor
+    (from ``pixel_rows``), the only time they are materialised."""
     if seq_length % pad_multiple:
         raise ValueError(f"seq_length {seq_length} must be a multiple of pad_multiple {pad_multiple}")
     real = [s.length for s in samples]
@@ -98,15 +99,19 @@ def build_row(samples: list[EncodedSample], seq_length: int, pad_multiple: int =
         return torch.tensor([0] + values, dtype=torch.int32).cumsum(0, dtype=torch.int32)
 
     loss_tokens = [s.num_loss_tokens for s in samples] + [0] * (len(real) - len(samples))
-    pixels = [s.pixel_values for s in samples if s.num_patches]
+    pixels = pixel_rows(sum(s.num_patches for s in samples))
+    rows, start = pixels.numpy(), 0
+    for s in samples:
+        s.write_pixels(rows[start:start + s.num_patches])
+        start += s.num_patches
     grids = [s.grid_thw for s in samples if s.grid_thw.numel()]
     return PackedBatch(
         tokens=tokens, labels=labels, position_ids=positions, mm_token_type_ids=types,
         cu_seqlens=cumulative(real), cu_seqlens_padded=cumulative(padded),
         sample_loss_tokens=torch.tensor(loss_tokens, dtype=torch.long),
-        pixel_values=torch.cat(pixels) if pixels else torch.zeros(0, PATCH_DIM, dtype=torch.float32),
+        pixel_values=pixels,
         grid_thw=torch.cat(grids) if grids else torch.zeros(0, 3, dtype=torch.long),
-        pad_multiple=pad_multiple,
+        pad_multiple=pad_multiple, samples=tuple(s.origin for s in samples if s.origin is not None),
     )
 
 
@@ -125,10 +130,14 @@ class PackingStats:
 class OnlinePacker:
     """``add()`` encoded samples, take rows with ``pop_ready()``, and ``flush()`` at the end of the data.
     ``dropped`` counts samples that can never fit a row, by reason (``too_long_multimodal``,
-    ``too_long_text``, ``too_many_patches``)."""
+    ``too_long_text``, ``too_many_patches``).
+
+    A round decides several rows at once; ``pop_groups()`` / ``finish()`` + ``build()`` let a caller
+    materialise them one at a time (the loader does, so only the row being handed out holds pixels)."""
 
     def __init__(self, seq_length: int, pad_multiple: int = 1, buffer_size: int = 256,
-                 max_patches: int | None = None, max_carry_rounds: int = 4):
+                 max_patches: int | None = None, max_carry_rounds: int = 4,
+                 pixel_rows: Callable[[int], torch.Tensor] = new_pixel_rows):
         if seq_length % pad_multiple:
             raise ValueError(f"seq_length {seq_length} must be a multiple of pad_multiple {pad_multiple}")
         if buffer_size < 1:
@@ -138,11 +147,19 @@ class OnlinePacker:
         self.buffer_size = buffer_size
         self.max_patches = max_patches
         self.max_carry_rounds = max_carry_rounds
+        self.pixel_rows = pixel_rows
         self.dropped: Counter[str] = Counter()
         self.stats = PackingStats()
         self._buffer: list[EncodedSample] = []
         self._carried: list[int] = []  # rounds each buffered sample has already waited
-        self._ready: list[PackedBatch] = []
+        self._ready: list[list[EncodedSample]] = []  # rows decided, not built yet
+
+    def __getstate__(self) -> dict:
+        # The allocator belongs to the process running the packer, not to its state (see PackedStream).
+        return {k: v for k, v in self.__dict__.items() if k != "pixel_rows"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, pixel_rows=new_pixel_rows)
 
     def add(self, sample: EncodedSample) -> None:
         reason = self._reject_reason(sample)
@@ -155,18 +172,29 @@ class OnlinePacker:
             self._pack(keep_last=True)
 
     def pop_ready(self) -> list[PackedBatch]:
+        return [self.build(group) for group in self.pop_groups()]
+
+    def pop_groups(self) -> list[list[EncodedSample]]:
+        """The samples of each row decided so far, in order, not built yet (see ``build``)."""
         ready, self._ready = self._ready, []
         return ready
 
+    def finish(self) -> None:
+        """End of the data: decides rows for everything still buffered."""
+        self._pack(keep_last=False)
+
     def flush(self) -> list[PackedBatch]:
         """Packs everything still buffered (end of data) and returns all ready rows."""
-        self._pack(keep_last=False)
+        self.finish()
         return self.pop_ready()
 
+    def build(self, group: list[EncodedSample]) -> PackedBatch:
+        return build_row(group, self.seq_length, self.pad_multiple, self.pixel_rows)
+
     @property
-    def pending_keys(self) -> list[str]:
-        """Keys of buffered samples, in arrival order (for logging what a checkpoint has not emitted)."""
-        return [s.key for s in self._buffer]
+    def buffered(self) -> list[EncodedSample]:
+        """The samples waiting for a row, in arrival order."""
+        return list(self._buffer)
 
     def __len__(self) -> int:
         return len(self._buffer)
@@ -193,7 +221,7 @@ class OnlinePacker:
                 kept = groups.pop(worst)
         for group in groups:
             row = [self._buffer[i] for i in group]
-            self._ready.append(build_row(row, self.seq_length, self.pad_multiple))
+            self._ready.append(row)
             self.stats.rows += 1
             self.stats.samples += len(row)
             self.stats.real_tokens += sum(s.length for s in row)

@@ -14,14 +14,14 @@ class ProcessingConfig:
     # multimodal samples longer than this are rejected (too_long_multimodal).
     seq_length: int = 8192
 
-    # Images: hub preprocessor_config of Qwen3-VL (spec §6): 64..16384 tokens of 32x32 pixels.
+    # Images: hub preprocessor_config of Qwen3-VL: 64..16384 tokens of 32x32 pixels.
     min_pixels: int = 65536
     max_pixels: int = 16777216
     patch_size: int = 16
     merge_size: int = 2
     temporal_patch_size: int = 2
 
-    # Videos: hub video_preprocessor_config (spec §5); the pixel budget is over all frames (T*H*W).
+    # Videos: hub video_preprocessor_config; the pixel budget is over all frames (T*H*W).
     video_fps: float = 2.0
     video_min_frames: int = 4
     video_max_frames: int = 768

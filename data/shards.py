@@ -28,6 +28,8 @@ from webdataset.shardlists import expand_urls
 from qwen3vl.data.sample_format import RawSample
 
 META_SUFFIX = "json"
+# Reasons of tar-level failures (``SkippedRecord.reason``); sample-level ones are sample_format.REASONS.
+SHARD_REASONS = ("missing_json", "bad_json", "truncated_tar", "unreadable_shard", "missing_shard")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,13 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
     return urls
 
 
+def absolute_pattern(patterns: str) -> str:
+    """``patterns`` with each local part made absolute (what a run reports it reads)."""
+    parts = [p if not is_local(p) or os.path.isabs(_local_path(p)) else os.path.abspath(_local_path(p))
+             for p in patterns.split("::")]
+    return "::".join(parts)
+
+
 def check_shards_exist(urls: Sequence[str]) -> None:
     """A missing local shard is an error at start (a typo must not silently train on less data)."""
     missing = [u for u in urls if is_local(u) and not Path(_local_path(u)).is_file()]
@@ -99,11 +108,15 @@ def read_shard(url: str) -> Iterator[RawSample | SkippedRecord]:
     """Every sample group of one shard in tar order, bad ones as ``SkippedRecord``.
 
     A truncated or corrupt tar ends the shard with one ``truncated_tar`` record (the group being read
-    is lost, the samples before it were already handed out); a shard that cannot be opened, or whose
-    ``pipe:`` command fails, gives one ``unreadable_shard`` record.
+    is lost, the samples before it were already handed out); a local shard that no longer exists (it
+    was checked at start) gives one ``missing_shard`` record; one that cannot be opened otherwise, or
+    whose ``pipe:`` command fails, one ``unreadable_shard`` record.
     """
     try:
         stream = gopen(url, "rb")
+    except FileNotFoundError as exc:
+        yield SkippedRecord(url, "", "missing_shard", f"the shard is gone: {exc}")
+        return
     except OSError as exc:
         yield SkippedRecord(url, "", "unreadable_shard", f"cannot open: {exc}")
         return
@@ -126,9 +139,9 @@ def read_shard(url: str) -> Iterator[RawSample | SkippedRecord]:
                 members[suffix] = data
                 tar.members = []  # streaming: do not keep every TarInfo of a large shard
     except OSError as exc:  # the file or the pipe: command failed (tarfile's own errors are not OSErrors)
-        broken = SkippedRecord(url, key or "", "unreadable_shard", f"reading failed after key {key!r}: {exc}")
+        broken = SkippedRecord(url, key or "", "unreadable_shard", f"reading failed {_where(key)}: {exc}")
     except (tarfile.TarError, EOFError, ValueError) as exc:
-        broken = SkippedRecord(url, key or "", "truncated_tar", f"tar stream broken after key {key!r}: {exc}")
+        broken = SkippedRecord(url, key or "", "truncated_tar", f"tar stream broken {_where(key)}: {exc}")
     finally:
         closed_badly = _close(stream)
     if closed_badly is not None:  # the pipe: command failed: a broken tar stream is its consequence
@@ -137,6 +150,10 @@ def read_shard(url: str) -> Iterator[RawSample | SkippedRecord]:
         yield broken
     elif key is not None:
         yield _group_to_record(url, key, members)
+
+
+def _where(key: str | None) -> str:
+    return f"after key {key!r}" if key is not None else "before the first sample (not a tar file?)"
 
 
 def _close(stream) -> str | None:

@@ -15,6 +15,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Protocol, Sequence
 
+import numpy as np
+
 # Qwen2's pre-tokenisation regex (letters, single digits, punctuation runs, newlines, spaces).
 QWEN2_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -73,6 +75,10 @@ class QwenTiktokenTokenizer:
             raise ValueError(f"{ranks_path}: {len(ranks)} BPE ranks, expected {FIRST_ADDED_ID} (qwen.tiktoken)")
         self._enc = tiktoken.Encoding("qwen3_vl", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks,
                                       special_tokens=SPECIAL_IDS)
+        # Byte length of every token id, for offsets without decoding (see encode_with_offsets).
+        self._token_bytes = np.zeros(FIRST_ADDED_ID + len(ADDED_TOKENS), dtype=np.int64)
+        self._token_bytes[list(ranks.values())] = [len(token) for token in ranks]
+        self._token_bytes[list(SPECIAL_IDS.values())] = [len(name.encode("utf-8")) for name in SPECIAL_IDS]
         self.vocab_size = FIRST_ADDED_ID + len(ADDED_TOKENS)
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
@@ -83,10 +89,19 @@ class QwenTiktokenTokenizer:
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
         """Ordinary-text ids and, per id, the character offset in the NFC text where it starts.
-        The caller must pass NFC text (offsets refer to it)."""
+        The caller must pass NFC text (offsets refer to it).
+
+        Same offsets as tiktoken's ``decode_with_offsets`` (a token that starts inside a multi-byte
+        character gets that character's index), computed from a table of token byte lengths instead of
+        decoding every token in Python, which cost ten times the BPE itself."""
         ids = self._enc.encode_ordinary(text)
-        _, offsets = self._enc.decode_with_offsets(ids)
-        return ids, offsets
+        lengths = self._token_bytes[ids]
+        byte_starts = np.cumsum(lengths) - lengths
+        if text.isascii():
+            return ids, byte_starts.tolist()
+        utf8 = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        char_of_byte = np.cumsum((utf8 & 0xC0) != 0x80) - 1  # continuation bytes belong to the char before
+        return ids, char_of_byte[byte_starts].tolist()
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode(list(ids), errors="replace")

@@ -1,4 +1,5 @@
-"""Videos (stored as decoded frames with timestamps) to ViT patches and the timestamped prompt (spec §5).
+"""Videos (stored as decoded frames with timestamps) to ViT patches and the timestamped prompt, as
+transformers' Qwen3-VL video processor and chat template make them.
 
 Sampling follows transformers' ``Qwen3VLVideoProcessor.sample_frames``: n = int(duration * fps),
 clamped to [min_frames, max_frames] and to the stored frame count, indices = round(linspace(0, N-1, n)).
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qwen3vl.data.image_processing import MAX_ASPECT_RATIO, fit_pixel_budget, patchify, resize_and_normalize
+from qwen3vl.data.image_processing import MAX_ASPECT_RATIO, DecodedFrames, fit_pixel_budget, rgb_frame
 from qwen3vl.data.sample_format import BadSample
 
 
@@ -109,12 +110,20 @@ def frames_size(frames: list[Image.Image]) -> tuple[int, int]:
     return sizes.pop()
 
 
+def video_frames(frames: list[Image.Image], frame_times: list[float],
+                 s: VideoSettings = VideoSettings()) -> tuple[DecodedFrames, VideoPlan]:
+    """Already-sampled RGB frames (and their times in seconds) at the planned size, the last one repeated
+    (the same array, not a copy) to fill the temporal patch."""
+    plan = plan_video(len(frames), *frames_size(frames), frame_times, s)
+    resized = [rgb_frame(f, plan.height, plan.width) for f in frames]
+    padded = tuple(resized[i] for i in pad_to_multiple(list(range(len(frames))), s.temporal_patch_size))
+    decoded = DecodedFrames(padded, s.patch_size, s.merge_size, s.temporal_patch_size)
+    assert decoded.grid == plan.grid_thw
+    return decoded, plan
+
+
 def process_video(frames: list[Image.Image], frame_times: list[float],
                   s: VideoSettings = VideoSettings()) -> tuple[torch.Tensor, VideoPlan]:
     """Already-sampled RGB frames (and their times in seconds) -> (patches [t*h*w, 1536] float32, plan)."""
-    plan = plan_video(len(frames), *frames_size(frames), frame_times, s)
-    resized = [resize_and_normalize(f, plan.height, plan.width) for f in frames]
-    stacked = np.stack([resized[i] for i in pad_to_multiple(list(range(len(frames))), s.temporal_patch_size)])
-    pixel_values, grid = patchify(stacked, s.patch_size, s.merge_size, s.temporal_patch_size)
-    assert grid == plan.grid_thw
-    return pixel_values, plan
+    decoded, plan = video_frames(frames, frame_times, s)
+    return decoded.pixel_values(), plan

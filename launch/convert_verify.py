@@ -1,9 +1,12 @@
 """``qwen3vl-convert verify``: transformers' Qwen3-VL and ours on one fixed multimodal sample.
 
-Our model runs under the requested TP/PP/EP/CP layout (the checkpoint is resharded on load); its
-logits are gathered over the vocabulary (TP) and the sequence (CP) onto the last pipeline stage,
-where one rank also runs transformers' model from ``--hf`` and takes the largest absolute logit
-difference over the sample's tokens. The command prints ``max_abs_diff=<float>`` as its last line.
+First every weight is compared, one mapping of the weight table at a time (the HF tensor against the one
+made from the checkpoint's regions): ``weights: max_abs_diff=<float> over <n> tensors``. Then our model
+runs under the requested TP/PP/EP/CP layout (the checkpoint is resharded on load); its logits are
+gathered over the vocabulary (TP) and the sequence (CP) onto the last pipeline stage, where one rank has
+run transformers' model from ``--hf`` first (and freed it: the two models are never in memory together)
+and takes the largest absolute logit difference over the sample's tokens. The command prints
+``max_abs_diff=<float>`` as its last line.
 
 With more than one rank the command starts itself under ``python -m torch.distributed.run`` with
 ``--worker`` and reads the result back from a file, so the line is printed after every rank exits.
@@ -16,13 +19,12 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from qwen3vl.model.hf_checkpoint import CheckpointMismatchError
+from qwen3vl.model.interop.hf_checkpoint import CheckpointMismatchError
 from qwen3vl.parallel.layout import ParallelLayout
 
 
@@ -38,43 +40,51 @@ def world_size_for(layout: ParallelLayout) -> int:
 # Config agreement
 
 
-def config_differences(ours, theirs, prefix: str = "") -> list[str]:
-    """Fields where two architecture configs differ (the name is not architecture)."""
-    out = []
-    for f in fields(ours):
-        if f.name == "name":
-            continue
-        a, b = getattr(ours, f.name), getattr(theirs, f.name)
-        if hasattr(a, "__dataclass_fields__"):
-            out += config_differences(a, b, f"{prefix}{f.name}.")
-        elif a != b:
-            out.append(f"{prefix}{f.name}: checkpoint {a!r}, HF config.json {b!r}")
-    return out
-
-
 def check_same_architecture(ckpt_config, hf_dir: str) -> None:
-    from qwen3vl.model.hf_checkpoint import our_config, read_config
+    from qwen3vl.model.interop.hf_checkpoint import read_config
+    from qwen3vl.model.interop.hf_config import config_from_hf
+    from qwen3vl.model.interop.mcore_checkpoint import architecture_differences
 
-    differences = config_differences(ckpt_config, our_config(read_config(hf_dir)))
+    differences = [f"{field}: checkpoint {a!r}, HF config.json {b!r}" for field, a, b in
+                   architecture_differences(ckpt_config, config_from_hf(read_config(hf_dir)))]
     if differences:
         raise CheckpointMismatchError(
             f"the checkpoint and {hf_dir} describe different models:\n  " + "\n  ".join(differences)
             + "\nconvert the HF directory again (qwen3vl-convert hf-to-mcore) or pass the matching pair")
 
 
+def weight_differences(hf_dir: str, checkpoint: Path, config) -> tuple[float, str, int]:
+    """(largest |checkpoint - HF| over all weights, the HF weight where it is ("" when all are equal),
+    weights compared), one mapping at a time."""
+    from qwen3vl.model.interop.dist_reader import DistCheckpointReader
+    from qwen3vl.model.interop.hf_checkpoint import open_hf_checkpoint
+    from qwen3vl.model.interop.hf_weights import qwen3vl_mappings
+    from qwen3vl.model.interop.mapped_tensors import MappedTensors
+
+    hf = open_hf_checkpoint(hf_dir)
+    ours = MappedTensors(qwen3vl_mappings(config), DistCheckpointReader(checkpoint).read, config, direction="theirs")
+    worst, where, count = 0.0, "", 0
+    for group in ours.groups:
+        for name, tensor in zip(group, ours.make(group)):
+            diff = float((tensor.double() - hf.read(name).double()).abs().max()) if tensor.numel() else 0.0
+            if diff > worst:
+                worst, where = diff, name
+            count += 1
+    return worst, where, count
+
+
 # ---------------------------------------------------------------------------------------------
 # Our side, on every rank
 
 
-def _forward_logits(model: torch.nn.Module, inputs: dict, seq_length: int,
-                    layout: ParallelLayout) -> Optional[torch.Tensor]:
+def _forward_logits(model: torch.nn.Module, inputs, layout: ParallelLayout) -> Optional[torch.Tensor]:
     """One forward through megatron's schedule (any PP); this rank's [T_local, V/TP] logits on the last
     pipeline stage, None elsewhere."""
     from megatron.core import parallel_state
 
     from qwen3vl.parallel.schedules import forward_backward_func
 
-    model_kwargs = dict(inputs, labels=None)
+    model_kwargs = inputs.model_kwargs(with_labels=False)
 
     def forward_step(data_iterator, chunk):
         next(data_iterator)
@@ -83,7 +93,7 @@ def _forward_logits(model: torch.nn.Module, inputs: dict, seq_length: int,
     with torch.no_grad():
         outputs = forward_backward_func(layout)(
             forward_step_func=forward_step, data_iterator=iter([inputs]), model=[model], num_microbatches=1,
-            seq_length=seq_length, micro_batch_size=1, forward_only=True)
+            seq_length=inputs.schedule_seq_length, micro_batch_size=1, forward_only=True)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return outputs[0]
@@ -135,40 +145,37 @@ def verify_worker(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1,
     Returns the max |ours - transformers| over the sample's logits, the same value on every rank."""
     import torch.distributed as dist
 
-    from qwen3vl.launch.convert_commands import build_model, load_our_weights, parallel_session
+    from qwen3vl.launch.convert_commands import checkpoint_architecture, parallel_session
     from qwen3vl.launch.verify_sample import build_verify_sample
-    from qwen3vl.model.mcore_checkpoint import DTYPES, read_checkpoint_config
+    from qwen3vl.model.build import build_model_chunks
+    from qwen3vl.model.interop.mcore_checkpoint import DTYPES
     from qwen3vl.parallel.context_parallel import model_inputs
-    from qwen3vl.train.checkpoint import resolve_checkpoint
+    from qwen3vl.train.checkpoint import load_weights, resolve_checkpoint
 
-    layout = ParallelLayout(tp=tp, pp=pp, ep=ep, cp=cp, sequence_parallel=sequence_parallel)
+    layout = ParallelLayout(tp=tp, pp=pp, ep=ep, cp=cp, sequence_parallel=sequence_parallel,
+                            pipeline_layers=pipeline_layers)
     path = resolve_checkpoint(ckpt)
-    config = read_checkpoint_config(path).model
+    config = checkpoint_architecture(path).model
     check_same_architecture(config, hf_dir)
     compute_dtype = DTYPES[dtype]
     sample = build_verify_sample(config)
-    pad_multiple = ParallelLayout(tp=tp, cp=cp, sequence_parallel=sequence_parallel).sequence_multiple
-    batch = sample.packed_batch(config, pad_multiple=pad_multiple)
+    batch = sample.packed_batch(config, pad_multiple=layout.sequence_multiple)
     with parallel_session(layout) as world_size:
-        t = config.text
-        layout.validate(world_size, num_attention_heads=t.num_attention_heads,
-                        num_query_groups=t.num_key_value_heads, num_layers=t.num_layers,
-                        num_experts=t.num_experts or None, seq_length=batch.seq_length,
-                        pipeline_layers=pipeline_layers, deepstack_layers=config.num_deepstack_layers)
+        layout.validate(world_size, seq_length=batch.seq_length, **config.layout_dims())
         from megatron.core import parallel_state
 
-        model = build_model(config, compute_dtype, pipeline_layers, sequence_parallel=sequence_parallel)
-        load_our_weights(path, [model])
+        # transformers' logits first, its model freed before ours is built (one rank reports).
+        reference = hf_logits(hf_dir, sample, compute_dtype) if _is_reporting_rank() else None
+        # One chunk: verify runs without virtual pipeline stages.
+        [model] = build_model_chunks(config, compute_dtype, pipeline_layers, sequence_parallel=sequence_parallel)
+        load_weights(path, [model])
         model.eval()
         inputs = model_inputs(batch, parallel_state.get_context_parallel_rank(), cp)
-        # The schedule sizes stage-to-stage tensors: this rank's rows (÷CP), ÷TP with sequence parallelism.
-        local_rows = batch.seq_length // cp // (tp if sequence_parallel else 1)
-        local = _forward_logits(model, inputs, local_rows, layout)
+        local = _forward_logits(model, inputs, layout)
         result = torch.zeros((), dtype=torch.float64)
         if local is not None:
             ours = _gather_logits(local.float(), batch.cu_seqlens_padded)[: sample.length]
-            if _is_reporting_rank():
-                reference = hf_logits(hf_dir, sample, compute_dtype)
+            if reference is not None:
                 result.fill_(float((ours - reference).abs().max()))
         dist.all_reduce(result, op=dist.ReduceOp.MAX)  # the one reporting rank's value to everyone
     return float(result)
@@ -183,6 +190,16 @@ def verify_command(args: argparse.Namespace) -> None:
 
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, cp=args.cp)
     world_size = world_size_for(layout)
+    if not args.worker:
+        from qwen3vl.launch.convert_commands import checkpoint_architecture
+        from qwen3vl.train.checkpoint import resolve_checkpoint
+
+        path = resolve_checkpoint(args.ckpt)
+        config = checkpoint_architecture(path).model
+        check_same_architecture(config, args.hf)
+        worst, where, count = weight_differences(args.hf, path, config)
+        print(f"weights: max_abs_diff={worst:.6e} over {count} tensors" + (f" (largest at {where})" if where else ""),
+              flush=True)
     if args.worker or world_size == 1:
         diff = verify_worker(args.hf, args.ckpt, args.tp, args.pp, args.ep, args.cp, args.pipeline_layers,
                              args.dtype, args.sequence_parallel)

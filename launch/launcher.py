@@ -10,8 +10,11 @@ for the whole world size, before any rank starts, so a bad layout, sequence leng
 fails in a second with a message that says what to change (exit code 2). Running the same command
 again resumes the run in ``run_dir`` (a larger ``train.steps`` trains on).
 
-Ranks run ``python -m torch.distributed.run ... -m qwen3vl.train.app --config-name RECIPE OVERRIDES``
-with ``run_dir`` made absolute; the launcher returns torchrun's exit code.
+Ranks run ``python -m qwen3vl.launch.elastic ... -m qwen3vl.train.app --config-name RECIPE OVERRIDES``
+(torchrun, see qwen3vl.launch.elastic) with ``run_dir`` made absolute; the launcher returns torchrun's
+exit code. When the run fails, the last line says why, from the rank that failed first:
+``qwen3vl-launch: rank R failed: <ExceptionType>: <message>``, after one line summarising the ranks
+that stopped because of it (their records and tracebacks are in ``<run_dir>/failures/``).
 """
 from __future__ import annotations
 
@@ -21,13 +24,21 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from qwen3vl.train.config import ConfigError, app_argv, load_config
+from qwen3vl.train.console import filter_known_warnings
+from qwen3vl.launch.failure_report import report_failure
 
 APP_MODULE = "qwen3vl.train.app"
+ELASTIC_MODULE = "qwen3vl.launch.elastic"  # torchrun that records failed ranks instead of printing its frames
 CONFIG_ERROR_EXIT = 2
+# Set in every rank's environment, so the processes a rank leaves behind (its data workers, Python's
+# resource tracker, which warns about a killed rank's semaphores) can be found and awaited.
+RUN_MARKER = "QWEN3VL_LAUNCH_ID"
+LEFTOVER_WAIT_S = 15.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("Slurm")
     s.add_argument("--slurm", action="store_true", help="write an sbatch script and submit it")
     s.add_argument("--nodes", type=int, default=1, help="Slurm nodes")
-    s.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per Slurm node")
+    s.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per Slurm node; 0: a CPU job "
+                   "with --nproc gloo ranks per node")
     s.add_argument("--partition", help="Slurm partition")
     s.add_argument("--time", help="Slurm time limit, e.g. 24:00:00")
     s.add_argument("--account", help="Slurm account")
@@ -68,7 +80,9 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def world_size_of(args: argparse.Namespace) -> int:
-    return args.nodes * args.gpus_per_node if args.slurm else args.nproc * args.nnodes
+    if args.slurm:
+        return args.nodes * (args.gpus_per_node if args.gpus_per_node > 0 else args.nproc)
+    return args.nproc * args.nnodes
 
 
 def rank_overrides(overrides: Sequence[str], run_dir: str, demo_dir: str) -> list[str]:
@@ -80,7 +94,7 @@ def rank_overrides(overrides: Sequence[str], run_dir: str, demo_dir: str) -> lis
 def torchrun_command(args: argparse.Namespace, overrides: Sequence[str],
                      python: str = sys.executable) -> list[str]:
     """The torchrun command line for one node."""
-    cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
+    cmd = [python, "-m", ELASTIC_MODULE, "--nproc_per_node", str(args.nproc)]
     if args.rdzv_endpoint:
         cmd += ["--nnodes", str(args.nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", args.rdzv_endpoint,
                 "--rdzv_id", args.rdzv_id]
@@ -96,19 +110,49 @@ def torchrun_command(args: argparse.Namespace, overrides: Sequence[str],
 
 
 def rank_environment(nproc: int, cuda: Optional[bool] = None) -> dict[str, str]:
-    """The environment for the ranks: on CPU, share the cores out (torchrun would force 1 thread each)."""
+    """The environment for the ranks: on CPU, share the cores out (torchrun would force 1 thread each) and
+    hide any GPU (megatron's CPU backend applies only where none is visible)."""
     env = dict(os.environ)
     if cuda is None:
         import torch
 
         cuda = torch.cuda.is_available()
-    if not cuda and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, nproc)))
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        if "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, nproc)))
     return env
 
 
-def run(cmd: Sequence[str], env: dict[str, str]) -> int:
-    """Run torchrun, forwarding SIGTERM to it (it forwards to the ranks, which checkpoint and exit)."""
+def rank_device(cfg, slurm_gpus_per_node: Optional[int]) -> str:
+    """The ``train.device`` every rank gets. A Slurm job (``slurm_gpus_per_node`` not None) that asks for GPUs
+    means cuda by ``auto`` (checked on the nodes), one with ``--gpus-per-node 0`` cpu; on torchrun this
+    machine's ``auto`` is resolved now, so a GPU host whose torch cannot use its GPUs fails here, before any
+    rank starts, and every rank gets the same answer."""
+    requested = getattr(cfg.train.device, "value", cfg.train.device)
+    if slurm_gpus_per_node is not None:
+        if slurm_gpus_per_node == 0 and requested == "cuda":
+            raise ConfigError(["train.device=cuda in a Slurm CPU job (--gpus-per-node 0): ask for GPUs with "
+                               "--gpus-per-node G, or leave train.device=auto"])
+        if requested != "auto":
+            return requested
+        return "cuda" if slurm_gpus_per_node > 0 else "cpu"
+    from qwen3vl.parallel.groups import resolve_device  # lazy: imports torch, which --help does not need
+
+    try:
+        return resolve_device(requested).type
+    except RuntimeError as err:
+        raise ConfigError([str(err)]) from err
+
+
+def run(cmd: Sequence[str], env: dict[str, str], run_dir: Optional[str] = None) -> int:
+    """Run torchrun, forwarding SIGTERM to it (it forwards to the ranks, which checkpoint and exit).
+
+    With ``run_dir``, a failed run ends with the failure report (``report_failure``) as the last lines.
+    """
+    started = time.time()
+    marker = f"{RUN_MARKER}={os.getpid()}-{started}"
+    env = {**env, RUN_MARKER: marker.split("=", 1)[1]}
     child = subprocess.Popen(list(cmd), env=env)
 
     def forward(signum, _frame):
@@ -116,26 +160,65 @@ def run(cmd: Sequence[str], env: dict[str, str]) -> int:
 
     previous = signal.signal(signal.SIGTERM, forward)
     try:
-        return child.wait()
+        code = child.wait()
     except KeyboardInterrupt:  # Ctrl-C reached the whole process group; let torchrun wind down
-        return child.wait()
+        code = child.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if code != 0 and run_dir is not None:
+        wait_for_leftovers(marker, LEFTOVER_WAIT_S)  # their last words would come after the report
+        report_failure(run_dir, started, code)
+    return code
+
+
+def wait_for_leftovers(marker: str, timeout_s: float) -> None:
+    """Waits (up to ``timeout_s``) until no process carries ``marker`` in its environment (Linux /proc;
+    elsewhere it returns at once). A killed rank's data workers notice within seconds and exit, and
+    then its resource tracker, which prints a warning about the semaphores it cleans up."""
+    needle = marker.encode() + b"\0"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        except OSError:
+            return
+        alive = False
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    alive = needle in f.read() + b"\0"
+            except OSError:
+                continue  # gone meanwhile, or not ours to read
+            if alive:
+                break
+        if not alive:
+            return
+        time.sleep(0.1)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     own, overrides = split_argv(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
+    # Validation reads a run's checkpoint on resume, which imports megatron-core and its import-time notes.
+    filter_known_warnings()
     world_size = world_size_of(args)
     try:
-        if args.nproc < 1 or args.nnodes < 1 or args.nodes < 1 or args.gpus_per_node < 1:
-            raise ConfigError(["--nproc, --nnodes, --nodes and --gpus-per-node must be at least 1"])
+        if args.nproc < 1 or args.nnodes < 1 or args.nodes < 1 or args.gpus_per_node < 0:
+            raise ConfigError(["--nproc, --nnodes and --nodes must be at least 1, --gpus-per-node at least 0 "
+                               "(0: CPU ranks)"])
+        if args.slurm and args.gpus_per_node > 0 and args.nproc not in (1, args.gpus_per_node):
+            raise ConfigError([f"--nproc {args.nproc} with --slurm --gpus-per-node {args.gpus_per_node}: a GPU job "
+                               "runs one rank per GPU; --nproc sets the ranks per node of a CPU job "
+                               "(--gpus-per-node 0)"])
         cfg = load_config(args.recipe, overrides, world_size=world_size, check_paths=not args.skip_path_checks)
-        final = rank_overrides(overrides, cfg.run_dir, cfg.data.demo_dir)
+        device = rank_device(cfg, args.gpus_per_node if args.slurm else None)
+        final = [o for o in rank_overrides(overrides, cfg.run_dir, cfg.data.demo_dir)
+                 if not o.startswith("train.device=")] + [f"train.device={device}"]
         if args.slurm:
             from qwen3vl.launch.slurm import SlurmJob, sbatch_script, submit
 
-            job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
+            job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpu_ranks_per_node=args.nproc,
+                           partition=args.partition,
                            time=args.time, account=args.account, job_name=args.job_name or f"qwen3vl-{cfg.stage}",
                            run_dir=cfg.run_dir)
             script = sbatch_script(job, args.recipe, final)
@@ -152,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     print(f"qwen3vl-launch: {world_size} rank(s), run_dir {cfg.run_dir}\n  {shlex.join(cmd)}", flush=True)
-    return run(cmd, rank_environment(args.nproc))
+    return run(cmd, rank_environment(args.nproc, cuda=device == "cuda"), cfg.run_dir)
 
 
 if __name__ == "__main__":

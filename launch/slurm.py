@@ -1,10 +1,17 @@
 """The sbatch script for a recipe: one torchrun per node under srun, joined by a c10d rendezvous.
 
+GPU nodes run one rank per GPU (``--gpus-per-node G``). ``--gpus-per-node 0`` asks Slurm for no GPU
+and runs ``--nproc P`` ranks per node on CPU over gloo (CPU partitions, smoke tests, our CI), with
+the node's CPUs shared out between them.
+
 Preemption: Slurm sends SIGUSR1 to the batch shell ``signal_grace_s`` seconds before the time limit
 (``--signal=B:USR1@...``). The script forwards it to every process of the training step; torchrun
 itself ignores it (``trap "" USR1`` before ``exec``) while the ranks catch it, write a checkpoint and
 exit 0 (qwen3vl.train.signals). The script then requeues the job (``--requeue``), and the requeued job
 runs the same command, which resumes from ``<run_dir>/checkpoints/latest``.
+
+A failed job's output ends like ``qwen3vl-launch``'s: after ``srun``, qwen3vl.launch.failure_report
+prints which rank failed first and why, from the ranks' records in ``<run_dir>/failures/``.
 """
 from __future__ import annotations
 
@@ -21,8 +28,9 @@ from qwen3vl.train.config import app_argv
 @dataclass
 class SlurmJob:
     nodes: int
-    gpus_per_node: int
+    gpus_per_node: int  # 0: a CPU job
     run_dir: str
+    cpu_ranks_per_node: int = 1  # ranks per node of a CPU job (gpus_per_node=0)
     partition: Optional[str] = None
     time: Optional[str] = None
     account: Optional[str] = None
@@ -34,22 +42,39 @@ class SlurmJob:
     def log_dir(self) -> Path:
         return Path(self.run_dir) / "slurm"
 
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus_per_node if self.gpus_per_node > 0 else self.cpu_ranks_per_node
+
 
 def _sbatch_lines(job: SlurmJob) -> list[str]:
-    lines = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
-             f"--gpus-per-node={job.gpus_per_node}", "--exclusive",
-             f"--output={job.log_dir}/%x-%j.out", "--requeue", f"--signal=B:USR1@{job.signal_grace_s}"]
+    gpus = [f"--gpus-per-node={job.gpus_per_node}"] if job.gpus_per_node > 0 else []
+    lines = [f"--job-name={job.job_name}", f"--nodes={job.nodes}", "--ntasks-per-node=1", *gpus, "--exclusive",
+             # append: a requeued job writes after the log of its previous run instead of over it
+             f"--output={job.log_dir}/%x-%j.out", "--open-mode=append", "--requeue",
+             f"--signal=B:USR1@{job.signal_grace_s}"]
     for flag, value in (("partition", job.partition), ("time", job.time), ("account", job.account)):
         if value:
             lines.append(f"--{flag}={value}")
     return [f"#SBATCH {line}" for line in lines]
 
 
+def _cpu_lines(job: SlurmJob) -> list[str]:
+    """A CPU job: no GPU visible (so the ranks pick gloo), the node's CPUs shared out between its ranks."""
+    if job.gpus_per_node > 0:
+        return []
+    return ["# CPU job (--gpus-per-node 0): gloo ranks, the node's CPUs shared out between them.",
+            'export CUDA_VISIBLE_DEVICES=""',
+            f'CPUS=${{SLURM_CPUS_ON_NODE:-{job.ranks_per_node}}}',
+            f'export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-$(( CPUS / {job.ranks_per_node} > 0 ? '
+            f'CPUS / {job.ranks_per_node} : 1 ))}}']
+
+
 def node_command(job: SlurmJob, recipe: str, overrides: Sequence[str]) -> str:
     """What srun runs on each node: torchrun (ignoring SIGUSR1) joined by the c10d rendezvous."""
     app = " ".join(shlex.quote(a) for a in app_argv(recipe, overrides))
-    return (f'trap "" USR1; exec {shlex.quote(job.python)} -m torch.distributed.run '
-            f'--nnodes "$SLURM_NNODES" --nproc_per_node {job.gpus_per_node} '
+    return (f'trap "" USR1; exec {shlex.quote(job.python)} -m qwen3vl.launch.elastic '
+            f'--nnodes "$SLURM_NNODES" --nproc_per_node {job.ranks_per_node} '
             f'--rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" '
             f"-m qwen3vl.train.app {app}")
 
@@ -66,6 +91,7 @@ def sbatch_script(job: SlurmJob, recipe: str, overrides: Sequence[str]) -> str:
         "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
         "export MASTER_ADDR MASTER_PORT",
         'echo "job $SLURM_JOB_ID: $SLURM_NNODES nodes, rendezvous at $MASTER_ADDR:$MASTER_PORT"',
+        *_cpu_lines(job),
         "",
         "PREEMPTED=0",
         "on_preemption() {",
@@ -75,12 +101,16 @@ def sbatch_script(job: SlurmJob, recipe: str, overrides: Sequence[str]) -> str:
         "}",
         "trap on_preemption USR1",
         "",
+        "STARTED=$(date +%s)",
         f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(node_command(job, recipe, overrides))} &",
         "SRUN_PID=$!",
         "# `wait` returns early when the trap fires: keep waiting until the checkpoint is written.",
         'while true; do wait "$SRUN_PID"; RC=$?; kill -0 "$SRUN_PID" 2>/dev/null || break; done',
         'if [ "$PREEMPTED" = 1 ]; then',
         '  scontrol requeue "$SLURM_JOB_ID"',
+        'elif [ "$RC" != 0 ]; then  # the last line says which rank failed first, and why',
+        f'  {shlex.quote(job.python)} -m qwen3vl.launch.failure_report {shlex.quote(str(job.run_dir))} '
+        '"$STARTED" "$RC"',
         "fi",
         'exit "$RC"',
         "",
@@ -88,14 +118,22 @@ def sbatch_script(job: SlurmJob, recipe: str, overrides: Sequence[str]) -> str:
 
 
 def submit(job: SlurmJob, script: str) -> int:
-    """Write the script under ``<run_dir>/slurm/`` and ``sbatch`` it; returns sbatch's exit code."""
+    """Write the script under ``<run_dir>/slurm/`` and ``sbatch`` it, printing sbatch's "Submitted batch
+    job N" line; returns sbatch's exit code."""
     job.log_dir.mkdir(parents=True, exist_ok=True)
     path = job.log_dir / f"{job.job_name}.sbatch"
     path.write_text(script)
     print(f"qwen3vl-launch: sbatch {path}", flush=True)
     try:
-        return subprocess.call(["sbatch", str(path)])
+        done = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)
     except FileNotFoundError:
         print("qwen3vl-launch: sbatch not found; run this on a Slurm login node (the script is at "
               f"{path})", file=sys.stderr)
         return 127
+    if done.stdout.strip():
+        print(done.stdout.strip(), flush=True)
+    if done.returncode != 0:
+        print(f"qwen3vl-launch: sbatch failed (exit {done.returncode}): {done.stderr.strip()}", file=sys.stderr)
+    elif done.stderr.strip():
+        print(done.stderr.strip(), file=sys.stderr)
+    return done.returncode

@@ -47,7 +47,7 @@ class VerifySample:
 
     def packed_batch(self, config: Qwen3VLConfig, pad_multiple: int = 1) -> PackedBatch:
         """One packed row holding the sample, padded to ``pad_multiple`` (2·CP, ×TP with SP)."""
-        from qwen3vl.model.rope_index import get_rope_index
+        from qwen3vl.data.rope_index import get_rope_index
 
         L = self.length
         T = -(-L // pad_multiple) * pad_multiple

@@ -13,11 +13,14 @@ megatron-core's local ``DotProductAttention`` rejects packed sequences (THD) and
     ``context_parallel_size=1``: frame groups are split across CP ranks whole, never by rows.
   * Anything else (SBHD, [s, b, heads, hd]) is plain SDPA with megatron's mask convention (True = masked).
 
-Kernels (the ``kernel`` argument, default ``auto``): ``sdpa`` batches same-shape segments into one
-``scaled_dot_product_attention`` call (exact, CPU and GPU); ``varlen`` is torch's flash varlen kernel (CUDA,
-half precision, no dropout); ``auto`` takes varlen where it can. ``core_attention_class(backend)`` gives the
-layer spec its entry: transformer-engine's ``TEDotProductAttention`` when transformer_engine imports (it does
-THD and CP itself), else this module, optionally pinned to one kernel.
+Kernels (the ``kernel`` argument, default ``auto``; ``attention_kernels.py``): ``sdpa`` batches same-shape
+segments into one ``scaled_dot_product_attention`` call (exact, CPU and GPU); ``varlen`` is torch's flash
+varlen kernel (CUDA, half precision, no dropout); ``auto`` takes varlen where the probe says it runs.
+``core_attention_class(backend)`` gives the layer spec its entry. transformer-engine's
+``TEDotProductAttention`` (it does THD and CP itself) is used only when asked for (``te``): installing
+transformer-engine must not change the kernel of a run, and no TE-vs-ours parity test has passed on a GPU
+yet (tests/model/test_attention_gpu.py has it; TE's THD+CP path has known wrong-attention bugs with tail
+padding, TransformerEngine#3331).
 """
 from __future__ import annotations
 
@@ -33,34 +36,14 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from qwen3vl.model.attention_kernels import KERNELS, AttentionPlan, build_plan, resolve_kernel
-from qwen3vl.parallel.context_parallel import all_gather_key_value, gathered_key_order
+from qwen3vl.model.attention_kernels import KERNELS, check_kernel_name, resolve_kernel
+from qwen3vl.model.attention_plan import AttentionPlan, plan_for
+from qwen3vl.model.attention_support import transformer_engine_support, varlen_support
+from qwen3vl.parallel.context_parallel import all_gather_key_value
+from qwen3vl.parallel.layout import ALL_GATHER_CP_COMM_TYPES
 
 CAUSAL_MASKS = (AttnMaskType.causal, AttnMaskType.padding_causal)
 BIDIRECTIONAL_MASKS = (AttnMaskType.no_mask, AttnMaskType.padding)
-_PLAN_CACHE = "_qwen3vl_attention_plans"
-
-
-def build_packed_seq_params(cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor | None = None,
-                            max_seqlen: int | None = None) -> PackedSeqParams:
-    """megatron ``PackedSeqParams`` for one packed row (int32 cumulative lengths; ``max_seqlen`` a Python int,
-    by default the longest padded segment). Under context parallelism pass the *global* cu_seqlens."""
-    cu_seqlens = cu_seqlens.to(torch.int32)
-    cu_seqlens_padded = cu_seqlens if cu_seqlens_padded is None else cu_seqlens_padded.to(torch.int32)
-    if max_seqlen is None:
-        lengths = cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]
-        max_seqlen = int(lengths.max()) if lengths.numel() else 0
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                           cu_seqlens_q_padded=cu_seqlens_padded, cu_seqlens_kv_padded=cu_seqlens_padded,
-                           max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen))
-
-
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # ImportError, or a CUDA-less import failure
-        return False
-    return True
 
 
 ATTENTION_BACKENDS = ("auto", "te", "local", "sdpa", "varlen")
@@ -69,18 +52,21 @@ ATTENTION_BACKENDS = ("auto", "te", "local", "sdpa", "varlen")
 def core_attention_class(backend: str = "auto") -> Callable[..., MegatronModule]:
     """What to put in a layer spec's ``core_attention`` (megatron calls it with the constructor kwargs).
 
-    ``te``: transformer-engine's ``TEDotProductAttention``; ``auto``: that when transformer_engine imports,
-    else ``PackedCoreAttention`` choosing its kernel itself; ``local``: ``PackedCoreAttention`` (kernel auto);
-    ``sdpa`` / ``varlen``: ``PackedCoreAttention`` pinned to that kernel."""
+    ``auto`` / ``local``: ``PackedCoreAttention`` choosing its kernel per call (flash varlen on a GPU in half
+    precision, SDPA otherwise); ``sdpa`` / ``varlen``: ``PackedCoreAttention`` pinned to that kernel; ``te``:
+    transformer-engine's ``TEDotProductAttention`` (opt-in, see the module docstring)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
-    if backend == "te" or (backend == "auto" and transformer_engine_available()):
-        if not transformer_engine_available():
-            raise ValueError("attention backend 'te' needs transformer_engine installed: use 'auto' or 'local'")
-        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    if backend == "te":
+        support = transformer_engine_support()
+        if not support.usable:
+            raise ValueError(f"attention backend 'te' cannot be built: {support.reason}. Use 'auto'")
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention  # lazy: imports TE
+
         return TEDotProductAttention
+    if backend == "varlen" and not varlen_support().usable:  # fail when the spec is built, not in a forward
+        raise ValueError(f"attention backend 'varlen' cannot run here: {varlen_support().reason}. Use 'auto'")
     if backend in KERNELS:
-        resolve_kernel(backend, torch.bfloat16)  # fail when the spec is built, not in the first forward
         return functools.partial(PackedCoreAttention, kernel=backend)
     return PackedCoreAttention
 
@@ -98,16 +84,17 @@ class PackedCoreAttention(MegatronModule):
             raise ValueError(f"PackedCoreAttention supports softmax_type='vanilla' only, got {config.softmax_type!r}")
         if getattr(config, "window_size", None) is not None:
             raise ValueError("PackedCoreAttention has no sliding-window attention: unset config.window_size")
-        if cp_comm_type not in (None, "all_gather", "p2p"):
+        if cp_comm_type is not None and cp_comm_type not in ALL_GATHER_CP_COMM_TYPES:
             # p2p is transformer-engine's default name; this module always all-gathers K/V (exact, and cheap
             # under GQA), so both names mean the same here. a2a would need a different algorithm.
             raise ValueError(f"cp_comm_type {cp_comm_type!r} is not supported by PackedCoreAttention: "
-                             "use 'all_gather' (or 'p2p', served by all-gather)")
+                             "use 'all_gather' (or 'p2p', served by all-gather), or transformer-engine")
+        self.cp_comm_type = cp_comm_type
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
         self.kernel = kernel
-        resolve_kernel(kernel, torch.float32)  # fail at build time on an unknown name
+        check_kernel_name(kernel)  # fail at build time on an unknown name
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -124,21 +111,9 @@ class PackedCoreAttention(MegatronModule):
         return group
 
     def _plan(self, params: PackedSeqParams, causal: bool, device: torch.device) -> AttentionPlan:
-        """Blocks for this row, cached on the PackedSeqParams object: every layer of one forward shares it."""
-        cache = getattr(params, _PLAN_CACHE, None)
-        if cache is None:
-            cache = {}
-            setattr(params, _PLAN_CACHE, cache)
+        """This micro-batch's plan, built by the first layer that sees it (``attention_plan.plan_for``)."""
         cp_rank = self._cp_group().rank() if self.cp_size > 1 else 0
-        key = (causal, self.cp_size, cp_rank, device)
-        if key not in cache:
-            cu = params.cu_seqlens_q
-            cu_padded = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else cu
-            key_order = gathered_key_order(cu_padded, self.cp_size) if self.cp_size > 1 else None
-            plan = build_plan(cu.tolist(), cu_padded.tolist(), causal=causal, cp_size=self.cp_size,
-                              cp_rank=cp_rank, key_order=key_order)
-            cache[key] = plan.to(device)
-        return cache[key]
+        return plan_for(params, causal=causal, cp_size=self.cp_size, cp_rank=cp_rank, device=device)
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -165,7 +140,7 @@ class PackedCoreAttention(MegatronModule):
         if plan.num_query_rows != query.shape[0]:
             raise ValueError(f"packed_seq_params describe {plan.num_query_rows} local rows but query has "
                              f"{query.shape[0]}: pass the global cu_seqlens and this rank's zig-zag rows")
-        kernel = KERNELS[resolve_kernel(self.kernel, query.dtype, dropout_p)]
+        kernel = KERNELS[resolve_kernel(self.kernel, query.dtype, dropout_p, query.device)]
         out = kernel(query, key, value, plan, scale=self.softmax_scale, dropout_p=dropout_p)
         return out.reshape(out.shape[0], -1)
 

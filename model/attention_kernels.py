@@ -1,178 +1,146 @@
-"""Attention kernels for packed (THD) rows, all driven by one ``AttentionPlan``.
+"""Attention kernels for packed (THD) rows, each driven by one ``AttentionPlan`` (``attention_plan.py``), and
+the choice between them.
 
-A packed row holds several segments; attention never crosses a segment and never reads padding keys.
-The plan describes the work as *blocks*: a contiguous run of real query rows of one segment and the
-contiguous run of key rows it may read. Every block is either square and causal (top-left equals
-bottom-right), rectangular and causal with the queries at the end of the key range (a context-parallel
-chunk reading its segment's prefix: bottom-right aligned), or bidirectional. Padding queries belong to no
-block and get a zero output, so no fully-masked softmax row is ever computed (some GPU kernels return NaN
-for those).
-
-Kernels:
+Kernels (same contract: query [Tq, Hq, D], key/value [Tk, Hkv, D] -> [Tq, Hq, D], zeros at padding rows):
+  * ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash varlen, CUDA, half precision, no dropout).
+                One call for the whole row; causal via ``window_size=(-1, 0)``, whose bottom-right alignment
+                is exactly what context-parallel chunks need. O(T) memory.
   * ``sdpa``  : blocks of equal shape are batched into one ``F.scaled_dot_product_attention`` call, so the
                 Python loop runs over distinct shapes, not over samples (ViT frame groups of one image or
-                video all share a shape). Exact on CPU; also valid on GPU.
-  * ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash varlen kernel, CUDA only). One call for the
-                whole row; causal via ``window_size=(-1, 0)``, whose bottom-right alignment is exactly what
-                context-parallel chunks need.
+                video all share a shape). Exact on CPU; on a GPU it must reach a fused SDPA backend (below).
+
+Choosing (``resolve_kernel``): ``auto`` takes varlen for half-precision CUDA tensors without dropout where
+the probe (``attention_support.varlen_support``) says this torch and GPU can run it, else sdpa. A kernel
+asked for by name that cannot run is refused with the probe's reason.
+
+SDPA on a GPU never falls back to the O(s²) math backend at length. No fused backend takes grouped-query
+K/V together with fp32 (flash has no fp32; memory-efficient has no GQA) or with an attention mask, and
+SDPA's silent fallback stores [heads, s, s] fp32 probabilities (4 GiB per layer at 8K). So on CUDA the
+K/V heads are repeated in exactly those cases, bottom-right causal blocks use SDPA's lower-right causal
+bias instead of a dense mask, and blocks of more than ``MATH_MAX_PAIRS`` query-key pairs run with the math
+backend disabled, so a shape no fused backend takes fails with a message instead of running out of memory.
+On CPU the calls are what they always were (numerics unchanged).
 """
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from qwen3vl.model.attention_plan import AttentionPlan, BlockGroup
+from qwen3vl.model.attention_support import varlen_signature_support, varlen_support
+
+# Above this many query-key pairs per block (a 2K x 2K block), SDPA on a GPU may not use the math backend.
+MATH_MAX_PAIRS = 2048 * 2048
+FUSED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+HALF = (torch.float16, torch.bfloat16)
 
 
-@dataclass
-class BlockGroup:
-    """Blocks that share one shape: ``n`` blocks of ``q_len`` queries reading ``k_len`` keys."""
+def sdpa_call_plan(device_type: str, dtype: torch.dtype, gqa: bool, rectangular_causal: bool,
+                   pairs: int) -> tuple[bool, bool, bool]:
+    """How one block group calls SDPA: (repeat K/V heads, lower-right causal bias, math backend disabled).
 
-    q_len: int
-    k_len: int
-    q_starts: torch.Tensor  # [n] first local query row of each block
-    k_starts: torch.Tensor  # [n] first key row (in key-tensor coordinates) of each block
-
-    def q_rows(self) -> torch.Tensor:
-        return self.q_starts[:, None] + torch.arange(self.q_len, device=self.q_starts.device)
-
-    def k_rows(self) -> torch.Tensor:
-        return self.k_starts[:, None] + torch.arange(self.k_len, device=self.k_starts.device)
+    On CPU: (False, False, False), the dense-mask call SDPA's CPU kernels take. On CUDA: repeat when GQA
+    meets fp32 or a mask (no fused backend takes those together), use the bias for bottom-right causal
+    blocks, and forbid the math backend above ``MATH_MAX_PAIRS``."""
+    if device_type != "cuda":
+        return False, False, False
+    repeat = gqa and (dtype == torch.float32 or rectangular_causal)
+    return repeat, rectangular_causal, pairs > MATH_MAX_PAIRS
 
 
-@dataclass
-class AttentionPlan:
-    """The blocks of one packed row for one mask type and one context-parallel rank.
-
-    ``key_order`` maps key-tensor coordinates used by the blocks (the row in natural global order) to rows
-    of the tensor the kernel receives: ``None`` when keys arrive in natural order (no context parallelism),
-    else the position of each global row inside the all-gathered (rank-major, zig-zag) keys.
-    """
-
-    causal: bool
-    num_query_rows: int
-    groups: list[BlockGroup] = field(default_factory=list)
-    key_order: torch.Tensor | None = None
-
-    def to(self, device: torch.device) -> "AttentionPlan":
-        moved = [BlockGroup(g.q_len, g.k_len, g.q_starts.to(device), g.k_starts.to(device)) for g in self.groups]
-        order = None if self.key_order is None else self.key_order.to(device)
-        return AttentionPlan(self.causal, self.num_query_rows, moved, order)
-
-
-def build_plan(cu_seqlens: list[int], cu_seqlens_padded: list[int], *, causal: bool,
-               cp_size: int = 1, cp_rank: int = 0, key_order: torch.Tensor | None = None) -> AttentionPlan:
-    """Blocks of this rank's query rows (zig-zag rows under context parallelism, see
-    ``qwen3vl.parallel.context_parallel.zigzag_index``). Pure host work on Python ints, done once per
-    micro-batch (the caller caches it); its cost is linear in the number of segments."""
-    shapes: dict[tuple[int, int], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-    num_segments = len(cu_seqlens) - 1
-    for s in range(num_segments):
-        real = cu_seqlens[s + 1] - cu_seqlens[s]
-        padded = cu_seqlens_padded[s + 1] - cu_seqlens_padded[s]
-        seg_start = cu_seqlens_padded[s]
-        if cp_size == 1:
-            chunks = [(seg_start, 0, padded)]  # (first local row, offset in segment, length)
-        else:
-            chunk = padded // (2 * cp_size)
-            local_start = seg_start // cp_size  # every earlier segment gave this rank padded/cp rows
-            chunks = [(local_start, cp_rank * chunk, chunk),
-                      (local_start + chunk, (2 * cp_size - 1 - cp_rank) * chunk, chunk)]
-        for local_row, offset, length in chunks:
-            q_len = min(length, real - offset)
-            if q_len <= 0:
-                continue  # only padding queries here: they attend nothing and output zeros
-            k_len = offset + q_len if causal else real
-            starts = shapes[(q_len, k_len)]
-            starts[0].append(local_row)
-            starts[1].append(seg_start)
-    groups = [BlockGroup(q_len, k_len, torch.tensor(qs, dtype=torch.long), torch.tensor(ks, dtype=torch.long))
-              for (q_len, k_len), (qs, ks) in shapes.items()]
-    num_rows = cu_seqlens_padded[-1] // cp_size
-    return AttentionPlan(causal=causal, num_query_rows=num_rows, groups=groups, key_order=key_order)
-
-
-def _key_rows(plan: AttentionPlan, rows: torch.Tensor) -> torch.Tensor:
-    return rows if plan.key_order is None else plan.key_order[rows]
+def _sdpa_group(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group: BlockGroup, causal: bool,
+                scale: float, dropout_p: float) -> torch.Tensor:
+    q = query[group.q_rows].transpose(1, 2)  # [n, Hq, q_len, D]
+    k = key[group.k_rows].transpose(1, 2)
+    v = value[group.k_rows].transpose(1, 2)
+    gqa = q.shape[1] != k.shape[1]
+    rectangular = causal and group.rectangular_causal
+    repeat, lower_right, no_math = sdpa_call_plan(q.device.type, q.dtype, gqa, rectangular,
+                                                  group.q_len * group.k_len)
+    if repeat:
+        groups_per_kv = q.shape[1] // k.shape[1]  # query head h reads K/V head h // groups_per_kv, as GQA does
+        k, v = k.repeat_interleave(groups_per_kv, dim=1), v.repeat_interleave(groups_per_kv, dim=1)
+        gqa = False
+    mask, is_causal = None, causal and not rectangular
+    if rectangular:
+        mask = causal_lower_right(group.q_len, group.k_len) if lower_right else group.mask
+    if not no_math:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale, enable_gqa=gqa)
+    try:
+        with sdpa_kernel(FUSED_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"no fused SDPA kernel takes this attention block ({group.q_len} queries x {group.k_len} keys, "
+            f"{q.dtype}, {q.shape[1]} heads of {q.shape[-1]}), and the math fallback would hold "
+            f"[heads, {group.q_len}, {group.k_len}] probabilities: train in bf16 (train.precision) so the varlen "
+            f"kernel runs, or shorten the rows") from err
 
 
 def sdpa_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: AttentionPlan, *,
                 scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """query [Tq, Hq, D], key/value [Tk, Hkv, D] -> [Tq, Hq, D]; zeros at padding query rows."""
-    enable_gqa = query.shape[1] != key.shape[1]
-    outputs, rows = [], []
-    for group in plan.groups:
-        q_rows = group.q_rows()
-        k_rows = _key_rows(plan, group.k_rows())
-        q = query[q_rows].transpose(1, 2)  # [n, Hq, q_len, D]
-        k = key[k_rows].transpose(1, 2)
-        v = value[k_rows].transpose(1, 2)
-        mask, is_causal = None, False
-        if plan.causal and group.q_len == group.k_len:
-            is_causal = True
-        elif plan.causal:
-            # Queries are the last q_len positions of the key range (bottom-right aligned causal).
-            mask = torch.ones(group.q_len, group.k_len, dtype=torch.bool, device=query.device)
-            mask = mask.tril(group.k_len - group.q_len)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
-                                             scale=scale, enable_gqa=enable_gqa)
-        outputs.append(out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[-1]))  # [n*q_len, Hq, D]
-        rows.append(q_rows.reshape(-1))
+    """Packed attention through SDPA, one call per distinct block shape."""
+    outputs = [_sdpa_group(query, key, value, g, plan.causal, scale, dropout_p) for g in plan.groups]
     result = query.new_zeros(plan.num_query_rows, query.shape[1], value.shape[-1])
-    if outputs:
-        result = result.index_copy(0, torch.cat(rows), torch.cat(outputs))
-    return result
-
-
-def varlen_available() -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    if not outputs:
+        return result
+    # [n, Hq, q_len, D] -> [n*q_len, Hq, D], rows in plan.query_index order
+    flat = [out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[-1]) for out in outputs]
+    return result.index_copy(0, plan.query_index, torch.cat(flat))
 
 
 def varlen_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: AttentionPlan, *,
                   scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """Same contract as ``sdpa_packed`` through the flash varlen kernel (CUDA, fp16/bf16, no dropout).
+    """Packed attention through the flash varlen kernel (CUDA, fp16/bf16, no dropout).
 
-    Every block becomes one varlen "sequence": its queries and its key range are gathered contiguously
-    (a causal context-parallel chunk re-reads its segment's prefix; the flash kernel's bottom-right causal
-    alignment then masks exactly as ``build_plan`` intends)."""
-    from torch.nn.attention.varlen import varlen_attn
+    Every block is one varlen "sequence": its queries and its key range are gathered contiguously with the
+    plan's indices (a causal context-parallel chunk re-reads its segment's prefix; the flash kernel's
+    bottom-right causal alignment then masks exactly as the plan intends)."""
+    from torch.nn.attention.varlen import varlen_attn  # probed by resolve_kernel; absent before torch 2.9
 
     if dropout_p:
         raise ValueError("the varlen kernel has no attention dropout: set attention_dropout=0 or use kernel='sdpa'")
-    q_rows, k_rows, q_lens, k_lens = [], [], [], []
-    for group in plan.groups:
-        q_rows.append(group.q_rows().reshape(-1))
-        k_rows.append(_key_rows(plan, group.k_rows()).reshape(-1))
-        q_lens.append(torch.full((group.q_starts.numel(),), group.q_len, dtype=torch.int32))
-        k_lens.append(torch.full((group.k_starts.numel(),), group.k_len, dtype=torch.int32))
     result = query.new_zeros(plan.num_query_rows, query.shape[1], value.shape[-1])
-    if not q_rows:
+    if not plan.groups:
         return result
-    q_index, k_index = torch.cat(q_rows), torch.cat(k_rows)
-    cu_q = F.pad(torch.cat(q_lens).cumsum(0, dtype=torch.int32), (1, 0)).to(query.device)
-    cu_k = F.pad(torch.cat(k_lens).cumsum(0, dtype=torch.int32), (1, 0)).to(query.device)
-    out = varlen_attn(query[q_index], key[k_index], value[k_index], cu_q, cu_k,
-                      max(g.q_len for g in plan.groups), max(g.k_len for g in plan.groups), scale=scale,
-                      window_size=(-1, 0) if plan.causal else (-1, -1),
-                      enable_gqa=query.shape[1] != key.shape[1])
-    return result.index_copy(0, q_index, out)
+    extra = {}
+    if query.shape[1] != key.shape[1] and varlen_signature_support().gqa_keyword:
+        extra["enable_gqa"] = True  # torch >= 2.12 checks head counts unless told; older flash takes GQA as is
+    out = varlen_attn(query[plan.query_index], key[plan.key_index], value[plan.key_index], plan.cu_seqlens_q,
+                      plan.cu_seqlens_k, plan.max_seqlen_q, plan.max_seqlen_k, scale=scale,
+                      window_size=(-1, 0) if plan.causal else (-1, -1), **extra)
+    return result.index_copy(0, plan.query_index, out)
 
 
 KERNELS = {"sdpa": sdpa_packed, "varlen": varlen_packed}
 
 
-def resolve_kernel(name: str, dtype: torch.dtype, dropout_p: float = 0.0) -> str:
-    """``auto`` picks varlen on CUDA for half precision without dropout (what flash varlen supports), else sdpa."""
-    if name == "auto":
-        half = dtype in (torch.float16, torch.bfloat16)
-        return "varlen" if varlen_available() and half and not dropout_p else "sdpa"
-    if name not in KERNELS:
+def check_kernel_name(name: str) -> None:
+    """Refuse an unknown kernel name (at build time, not in the first forward)."""
+    if name != "auto" and name not in KERNELS:
         raise ValueError(f"unknown attention kernel {name!r}: choose one of auto, {', '.join(KERNELS)}")
-    if name == "varlen" and not varlen_available():
-        raise ValueError("kernel='varlen' needs CUDA and torch.nn.attention.varlen: use kernel='sdpa' or 'auto'")
+
+
+def resolve_kernel(name: str, dtype: torch.dtype, dropout_p: float = 0.0,
+                   device: torch.device | None = None) -> str:
+    """The kernel that runs for ``name`` ('auto', 'sdpa' or 'varlen') on tensors of ``dtype`` on ``device``
+    (default: the current CUDA device if one is visible).
+
+    ``auto``: varlen where it can run (CUDA, half precision, no dropout, the probe passes), else sdpa."""
+    check_kernel_name(name)
+    if name == "auto":
+        if dtype in HALF and not dropout_p and (device is None or device.type == "cuda"):
+            return "varlen" if varlen_support(device).usable else "sdpa"
+        return "sdpa"
+    if name == "varlen":
+        support = varlen_support(device)
+        if not support.usable:
+            raise ValueError(f"kernel='varlen' cannot run here: {support.reason}. Use kernel='auto' (it falls back "
+                             "to sdpa) or 'sdpa'")
+        if dtype not in HALF:
+            raise ValueError(f"kernel='varlen' (flash) needs fp16 or bf16 tensors, not {dtype}: use kernel='auto'")
     return name

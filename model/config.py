@@ -1,8 +1,8 @@
 """What a Qwen3-VL model is: the vision tower, the text decoder (dense or MoE) and the glue ids.
 
 These dataclasses hold architecture numbers only (no parallelism, no precision); see
-``qwen3vl.model.presets`` for the released sizes and ``qwen3vl.model.hf_config`` for config.json.
-``validate()`` raises ``ConfigError`` with a message that says which number to change.
+``qwen3vl.model.presets`` for the released sizes and ``qwen3vl.model.interop.hf_config`` for config.json.
+``validate()`` raises ``ModelConfigError`` with a message that says which number to change.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 
-class ConfigError(ValueError):
+class ModelConfigError(ValueError):
     """An architecture config that cannot describe a working Qwen3-VL model."""
 
 
@@ -52,18 +52,18 @@ class VisionConfig:
 
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"vision hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+            raise ModelConfigError(f"vision hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         if self.head_dim % 4:
-            raise ConfigError(f"vision head dim {self.head_dim} must be divisible by 4 (2-D RoPE uses head_dim/4 "
+            raise ModelConfigError(f"vision head dim {self.head_dim} must be divisible by 4 (2-D RoPE uses head_dim/4 "
                               "frequencies per axis); change vision hidden_size or num_heads")
         if self.position_grid_side**2 != self.num_position_embeddings:
-            raise ConfigError(f"vision num_position_embeddings {self.num_position_embeddings} must be a perfect "
+            raise ModelConfigError(f"vision num_position_embeddings {self.num_position_embeddings} must be a perfect "
                               "square (it is read as a square grid)")
         bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
         if bad:
-            raise ConfigError(f"deepstack_visual_indexes {bad} are outside the {self.depth} vision blocks")
+            raise ModelConfigError(f"deepstack_visual_indexes {bad} are outside the {self.depth} vision blocks")
         if self.hidden_act != "gelu_pytorch_tanh":
-            raise ConfigError(f"vision hidden_act {self.hidden_act!r} is not supported; Qwen3-VL uses gelu_pytorch_tanh")
+            raise ModelConfigError(f"vision hidden_act {self.hidden_act!r} is not supported; Qwen3-VL uses gelu_pytorch_tanh")
 
 
 @dataclass
@@ -100,24 +100,29 @@ class TextConfig:
 
     def validate(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+            raise ModelConfigError(f"num_attention_heads {self.num_attention_heads} must be a multiple of "
                               f"num_key_value_heads {self.num_key_value_heads} (grouped-query attention)")
-        if self.head_dim % 2 or sum(self.mrope_section) != self.head_dim // 2:
-            raise ConfigError(f"mrope_section {list(self.mrope_section)} must sum to head_dim/2 = "
-                              f"{self.head_dim // 2}")
-        if self.mrope_section[1] > self.mrope_section[0] or self.mrope_section[2] > self.mrope_section[0]:
-            raise ConfigError(f"mrope_section {list(self.mrope_section)}: interleaving needs the t section to be "
-                              "the largest")
+        if self.head_dim % 2:
+            raise ModelConfigError(f"head_dim {self.head_dim} must be even (RoPE rotates pairs of channels)")
+        # Interleaved MRoPE (model/mrope.py, as transformers): frequency i follows h when i % 3 == 1 and
+        # i < 3·section_h, w when i % 3 == 2 and i < 3·section_w, else t. That is defined for every pair of
+        # counts (sections past head_dim/2 are cut off, the t count is what is left), so only entries that
+        # are not counts are refused.
+        section = tuple(self.mrope_section)
+        if len(section) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                        for n in section):
+            raise ModelConfigError(f"mrope_section {list(section)} must be three counts >= 0 (t, h, w frequencies), "
+                              "e.g. [24, 20, 20]")
         if self.hidden_act != "silu":
-            raise ConfigError(f"text hidden_act {self.hidden_act!r} is not supported; Qwen3 uses silu (SwiGLU)")
+            raise ModelConfigError(f"text hidden_act {self.hidden_act!r} is not supported; Qwen3 uses silu (SwiGLU)")
         if self.is_moe:
             if not 0 < self.num_experts_per_tok <= self.num_experts:
-                raise ConfigError(f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..num_experts "
+                raise ModelConfigError(f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..num_experts "
                                   f"({self.num_experts})")
             if self.moe_intermediate_size <= 0:
-                raise ConfigError("an MoE model needs moe_intermediate_size > 0")
+                raise ModelConfigError("an MoE model needs moe_intermediate_size > 0")
             if self.decoder_sparse_step < 1:
-                raise ConfigError("decoder_sparse_step must be >= 1")
+                raise ModelConfigError("decoder_sparse_step must be >= 1")
 
 
 @dataclass
@@ -139,19 +144,26 @@ class Qwen3VLConfig:
     def num_deepstack_layers(self) -> int:
         return len(self.vision.deepstack_visual_indexes)
 
+    def layout_dims(self) -> dict:
+        """The sizes the parallel layout rules depend on, as ``ParallelLayout.problems`` keywords."""
+        t = self.text
+        return dict(num_attention_heads=t.num_attention_heads, num_query_groups=t.num_key_value_heads,
+                    num_layers=t.num_layers, num_experts=t.num_experts or None,
+                    deepstack_layers=self.num_deepstack_layers, vision_heads=self.vision.num_heads)
+
     def validate(self) -> "Qwen3VLConfig":
         self.vision.validate()
         self.text.validate()
         if self.vision.out_hidden_size != self.text.hidden_size:
-            raise ConfigError(f"vision out_hidden_size {self.vision.out_hidden_size} must equal the text "
+            raise ModelConfigError(f"vision out_hidden_size {self.vision.out_hidden_size} must equal the text "
                               f"hidden_size {self.text.hidden_size}")
         if self.num_deepstack_layers > self.text.num_layers:
-            raise ConfigError(f"{self.num_deepstack_layers} DeepStack features need at least as many text layers "
+            raise ModelConfigError(f"{self.num_deepstack_layers} DeepStack features need at least as many text layers "
                               f"(have {self.text.num_layers})")
         special = {"image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
                    "vision_start_token_id": self.vision_start_token_id,
                    "vision_end_token_id": self.vision_end_token_id}
         too_big = {k: v for k, v in special.items() if not 0 <= v < self.text.vocab_size}
         if too_big:
-            raise ConfigError(f"special token ids {too_big} do not fit vocab_size {self.text.vocab_size}")
+            raise ModelConfigError(f"special token ids {too_big} do not fit vocab_size {self.text.vocab_size}")
         return self

@@ -1,6 +1,6 @@
 """Named architectures: the released Qwen3-VL sizes and two tiny random ones for tests and the demo.
 
-Numbers come from the released config.json files (docs: qwen3vl_model_spec.md §7 and §9).
+Numbers come from the released config.json files (the Qwen/Qwen3-VL-* repositories on the Hugging Face hub).
 ``get_preset(name)`` returns a fresh, validated ``Qwen3VLConfig``; ``PRESET_NAMES`` lists them.
 """
 from __future__ import annotations

@@ -6,10 +6,11 @@ this stage). Every stage: interleaved MRoPE from the 3-row position ids (each st
 stage's Qwen3 decoder layers. Last stage (``post_process``): final RMSNorm, vocab-parallel output layer
 (tied to the embedding for 2B/4B), and per-token vocab-parallel cross entropy when labels are given.
 
-Input contract (one packed THD row, context-parallel local; see ``qwen3vl.parallel.context_parallel
-.model_inputs``): input_ids [T], position_ids [3, T], packed_seq_params (global cu_seqlens),
+Input contract (one packed THD row, context-parallel local: ``qwen3vl.parallel.micro_batch.MicroBatch
+.model_kwargs()``): input_ids [T], position_ids [3, T], packed_seq_params (global cu_seqlens),
 pixel_values [N, 1536] and grid_thw [M, 3] of the *whole* row's media, visual_index [T] (k for the row's
-k-th visual token, -1 for text), labels [T] or None. Returns the per-token loss [T] fp32 (0 where the label
+k-th visual token, -1 for text), labels [T] or None, gather_index [T] (the global row of each local row).
+Returns the per-token loss [T] fp32 (0 where the label
 is IGNORE_INDEX) when labels are given, else the logits [T, vocab / TP] (this rank's vocabulary slice);
 stages other than the last return their output hidden states for the pipeline schedule.
 """
@@ -33,6 +34,7 @@ from qwen3vl.model.llm_spec import qwen3_block_spec
 from qwen3vl.model.mrope import InterleavedMRoPE
 from qwen3vl.model.padding import moe_padding_mask
 from qwen3vl.model.vision_encoder import VisionEncoder
+from qwen3vl.parallel.context_parallel import encode_vision_across_cp
 
 
 class Qwen3VLModel(LanguageModule):
@@ -56,10 +58,6 @@ class Qwen3VLModel(LanguageModule):
         self.decoder = TransformerBlock(
             transformer_config, qwen3_block_spec(config, transformer_config, vp_stage, attention_backend),
             pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
-        if pre_process and config.vision.deepstack_visual_indexes and len(self.decoder.layers) < config.num_deepstack_layers:
-            raise ValueError(f"this first pipeline stage has {len(self.decoder.layers)} LLM layers but DeepStack "
-                             f"needs layers 0..{config.num_deepstack_layers - 1} on it: give the first stage more "
-                             "layers (pipeline_layers)")
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 text.hidden_size, text.vocab_size, config=transformer_config, init_method=transformer_config.init_method,
@@ -78,10 +76,30 @@ class Qwen3VLModel(LanguageModule):
     # --- first stage --------------------------------------------------------------------------------
     def _encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
         if parallel_state.get_context_parallel_world_size() > 1:
-            from qwen3vl.parallel.context_parallel import encode_vision_across_cp
             return encode_vision_across_cp(self.vision, pixel_values, grid_thw,
-                                           spatial_merge_size=self.model_config.vision.spatial_merge_size)
+                                           spatial_merge_size=self.model_config.vision.spatial_merge_size,
+                                           on_idle=lambda: self._vision_keepalive(grid_thw.device))
         return self.vision(pixel_values, grid_thw)
+
+    def _vision_keepalive(self, device: torch.device) -> Optional[torch.Tensor]:
+        """A zero that depends on every trainable parameter of the vision tower and its mergers (None when
+        none trains, or without autograd).
+
+        megatron's overlapped gradient reduction (``parallel.overlap_grad_reduce``, the GPU default) launches a
+        bucket's reduce once every parameter in it has had its gradient on a step's last micro-batch, and
+        asserts that each one has. A row without media, or a CP rank whose share of the row's media is
+        empty, would leave the tower's parameters without a gradient. Such a micro-batch runs the tower on
+        one dummy 1-frame image of merge x merge patches, and the caller adds 0 · its outputs to the
+        activations: every tower parameter gets an exact zero gradient; the loss and the other gradients
+        are unchanged.
+        """
+        if not torch.is_grad_enabled() or not any(p.requires_grad for p in self.vision.parameters()):
+            return None
+        v = self.model_config.vision
+        side = v.spatial_merge_size
+        grid = torch.tensor([[1, side, side]], dtype=torch.long, device=device)
+        merged, deepstack = self.vision(torch.zeros(side * side, v.patch_dim, device=device), grid)
+        return sum(x.sum() for x in (merged, *deepstack)) * 0.0
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor], grid_thw: Optional[torch.Tensor],
               visual_index: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -91,13 +109,17 @@ class Qwen3VLModel(LanguageModule):
         if grid_thw is not None and grid_thw.numel() > 0:
             if visual_index is None:
                 raise ValueError("pixel_values given without visual_index (the ordinal of each visual token; "
-                                 "see qwen3vl.parallel.context_parallel.model_inputs)")
+                                 "see qwen3vl.parallel.micro_batch.MicroBatch)")
             features, deepstack = self._encode_vision(pixel_values, grid_thw)
             positions = torch.nonzero(visual_index >= 0).squeeze(1)
             ordinals = visual_index[positions]
             hidden = hidden.index_copy(0, positions, features[ordinals].to(hidden.dtype))
             context = deepstack_context([d[ordinals].to(hidden.dtype) for d in deepstack], positions,
                                         hidden.shape[0], self.config.sequence_parallel)
+        else:
+            keepalive = self._vision_keepalive(input_ids.device)
+            if keepalive is not None:
+                hidden = hidden + keepalive.to(hidden.dtype)
         hidden = hidden.unsqueeze(1)  # [T, 1, H]: megatron's [s, b, h] with the THD dummy batch
         if self.config.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
@@ -107,12 +129,10 @@ class Qwen3VLModel(LanguageModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 packed_seq_params: Optional[PackedSeqParams] = None, pixel_values: Optional[torch.Tensor] = None,
                 grid_thw: Optional[torch.Tensor] = None, visual_index: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, decoder_input: Optional[torch.Tensor] = None,
-                loss_token_counts: Optional[torch.Tensor] = None, mm_token_type_ids: Optional[torch.Tensor] = None,
-                gather_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, gather_index: Optional[torch.Tensor] = None,
+                decoder_input: Optional[torch.Tensor] = None) -> torch.Tensor:
         """See the module docstring. ``gather_index`` (global row of each local row) lets MoE routers leave
-        padding out of the load-balancing loss. ``loss_token_counts`` and ``mm_token_type_ids`` are accepted and
-        unused so that ``model(**model_inputs(batch))`` works; the loss function uses them."""
+        padding out of the load-balancing loss."""
         cos_sin = self.rotary(position_ids)
         context = None
         if self.pre_process and decoder_input is None:

@@ -22,7 +22,7 @@ from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 
-from qwen3vl.model.attention import build_packed_seq_params, core_attention_class
+from qwen3vl.model.attention import core_attention_class
 from qwen3vl.model.config import VisionConfig
 from qwen3vl.model.merger import PatchMerger
 from qwen3vl.model.norms import LayerNorm
@@ -31,6 +31,7 @@ from qwen3vl.model.vision_grid import frame_group_cu_seqlens
 from qwen3vl.model.vision_patch_embed import PatchEmbed
 from qwen3vl.model.vision_pos_embed import VisionPositionEmbedding
 from qwen3vl.model.vision_rope import VisionRotaryEmbedding
+from qwen3vl.parallel.micro_batch import build_packed_seq_params
 
 
 def vision_layer_spec(attention_backend: str = "auto") -> ModuleSpec:

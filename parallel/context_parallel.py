@@ -10,12 +10,14 @@ expects. Tokens, labels, position ids, loss weights and the visual ordinal are a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from qwen3vl.data.batch import TEXT, PackedBatch
+from qwen3vl.parallel.micro_batch import MicroBatch, build_packed_seq_params
 
 
 def zigzag_index(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
@@ -82,17 +84,15 @@ def all_gather_key_value(key: torch.Tensor, value: torch.Tensor, group) -> tuple
     return both[..., :split], both[..., split:]
 
 
-def model_inputs(batch: PackedBatch, cp_rank: int = 0, cp_size: int = 1) -> dict:
+def model_inputs(batch: PackedBatch, cp_rank: int = 0, cp_size: int = 1) -> MicroBatch:
     """This CP rank's share of one packed row, as the model and the loss consume it.
 
-    Returns input_ids / labels / loss_token_counts / visual_index / gather_index / mm_token_type_ids [T_local],
-    position_ids [3, T_local], packed_seq_params (global cu_seqlens), and the full row's pixel_values and
-    grid_thw (the vision split across CP ranks is ``encode_vision_across_cp``'s job). ``visual_index`` is the
-    ordinal of each visual token in the *full* row, so vision and DeepStack embeddings (computed for the whole
-    row) are selected with ``features[visual_index[visual_index >= 0]]``.
+    Every per-token field is cut with the one zig-zag index (``gather_index``); packed_seq_params keep the
+    global cu_seqlens, and pixel_values / grid_thw are the full row's media (the vision split across CP
+    ranks is ``encode_vision_across_cp``'s job). ``visual_index`` is the ordinal of each visual token in the
+    *full* row, so vision and DeepStack embeddings (computed for the whole row) are selected with
+    ``features[visual_index[visual_index >= 0]]``.
     """
-    from qwen3vl.model.attention import build_packed_seq_params
-
     if cp_size == 1:
         index = torch.arange(batch.seq_length, device=batch.tokens.device)
     else:
@@ -101,18 +101,18 @@ def model_inputs(batch: PackedBatch, cp_rank: int = 0, cp_size: int = 1) -> dict
     def take(x: torch.Tensor) -> torch.Tensor:
         return x if cp_size == 1 else x[..., index]
 
-    return {
-        "input_ids": take(batch.tokens),
-        "position_ids": take(batch.position_ids),
-        "labels": take(batch.labels),
-        "loss_token_counts": take(batch.token_sample_loss_tokens()),
-        "mm_token_type_ids": take(batch.mm_token_type_ids),
-        "visual_index": take(visual_ordinal(batch.mm_token_type_ids)),
-        "gather_index": index,
-        "packed_seq_params": build_packed_seq_params(batch.cu_seqlens, batch.cu_seqlens_padded),
-        "pixel_values": batch.pixel_values,
-        "grid_thw": batch.grid_thw,
-    }
+    return MicroBatch(
+        input_ids=take(batch.tokens),
+        position_ids=take(batch.position_ids),
+        labels=take(batch.labels),
+        loss_token_counts=take(batch.token_sample_loss_tokens()),
+        visual_index=take(visual_ordinal(batch.mm_token_type_ids)),
+        gather_index=index,
+        packed_seq_params=build_packed_seq_params(batch.cu_seqlens, batch.cu_seqlens_padded),
+        pixel_values=batch.pixel_values,
+        grid_thw=batch.grid_thw,
+        row_length=batch.seq_length,
+    )
 
 
 # --- the vision encoder across the CP group ---------------------------------------------------------
@@ -170,15 +170,14 @@ _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 def _resolve_cp_group(cp_group):
     if cp_group is not None:
         return cp_group
-    from megatron.core import parallel_state
-
     if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
         return None
     return parallel_state.get_context_parallel_group()
 
 
 def encode_vision_across_cp(encoder_fn: Callable, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
-                            cp_group=None, *, split_videos: bool = True, spatial_merge_size: int = 2):
+                            cp_group=None, *, split_videos: bool = True, spatial_merge_size: int = 2,
+                            on_idle: Optional[Callable[[], Optional[torch.Tensor]]] = None):
     """Encode a micro-batch's media split across the CP group and return every rank the full result.
 
     ``encoder_fn(pixels [N, 1536], grid [M, 3]) -> (merged [n_tok, H], [deepstack_j [n_tok, H], ...])`` runs
@@ -188,6 +187,10 @@ def encode_vision_across_cp(encoder_fn: Callable, pixel_values: torch.Tensor, gr
 
     Every rank runs the same collectives even when it encodes nothing (an empty tensor that requires grad
     stands in), so the gathered tensors must enter the loss graph on every rank (an empty selection counts).
+    ``on_idle()``, called on a rank that encodes nothing, may return a 0-valued scalar tied to the encoder's
+    parameters, which is added to that rank's (empty) share so that those parameters still get a (zero)
+    gradient there (see ``Qwen3VLModel._vision_keepalive``).
+
     Returns None, without any collective, when the row has no media: ``grid_thw`` is the same on every CP
     rank, so all ranks take that branch together. Without a CP group (or CP=1) it is ``encoder_fn`` itself.
     """
@@ -219,6 +222,9 @@ def encode_vision_across_cp(encoder_fn: Callable, pixel_values: torch.Tensor, gr
     needs_grad = bool(metas[:, 4].any())
     if local is None:
         local = torch.zeros(0, width, dtype=dtype, device=device, requires_grad=needs_grad)
+        keepalive = on_idle() if on_idle is not None else None
+        if keepalive is not None:
+            local = local + keepalive.to(dtype)  # still [0, width]: adds nothing, but reaches the parameters
     elif needs_grad and not local.requires_grad:
         local = local.detach().requires_grad_()  # e.g. a frozen encoder here: keep every rank's backward alike
 

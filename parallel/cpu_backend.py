@@ -166,8 +166,50 @@ def _all_to_all_single_with_list_splits(output, input, output_split_sizes=None, 
     )
 
 
+class _CompletedWork:
+    """What an ``async_op=True`` collective returns once it has already run (gloo calls below are blocking)."""
+
+    def wait(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def _all_gather_uneven(tensor_list, tensor, group=None, async_op: bool = False):
+    """gloo's all_gather wants every block the same size; MoE dispatch under expert tensor parallelism
+    gathers each rank's routed tokens, whose counts differ (NCCL takes uneven blocks). Unequal first
+    dimensions are padded to the largest, gathered, and copied back unpadded: the same result."""
+    if all(t.shape == tensor.shape for t in tensor_list):
+        return torch.distributed.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+    rows = max(t.shape[0] for t in tensor_list)
+    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in tensor_list]
+    torch.distributed.all_gather(parts, padded, group=group)
+    for out, part in zip(tensor_list, parts):
+        out.copy_(part[:out.shape[0]])
+    return _CompletedWork() if async_op else None
+
+
+def _reduce_scatter_uneven(output, input_list, op=torch.distributed.ReduceOp.SUM, group=None,
+                           async_op: bool = False):
+    """The backward of the gather above: gloo has no reduce_scatter for blocks of unequal size, so the
+    blocks are all-reduced together and this rank keeps its own (for two ranks a sum in either order is
+    the same float)."""
+    if all(t.shape == output.shape for t in input_list):
+        return torch.distributed.reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+    full = torch.cat([t.contiguous() for t in input_list])  # blocks differ in their first dimension only
+    torch.distributed.all_reduce(full, op=op, group=group)
+    rank = torch.distributed.get_rank(group)
+    start = sum(t.shape[0] for t in input_list[:rank])
+    output.copy_(full[start:start + output.shape[0]])
+    return _CompletedWork() if async_op else None
+
+
 def _distributed_overrides() -> dict[str, Any]:
-    return {"all_to_all_single": _all_to_all_single_with_list_splits}
+    return {"all_to_all_single": _all_to_all_single_with_list_splits, "all_gather": _all_gather_uneven,
+            "reduce_scatter": _reduce_scatter_uneven}
 
 
 # --- megatron.core.tensor_parallel.random ------------------------------------------------------------
@@ -223,10 +265,7 @@ def _ordered_p2p_ops(p2p_ops: Callable[..., dict]) -> Callable[..., list]:
 
 def _patch_module_attributes(module: types.ModuleType) -> None:
     namespace = vars(module)
-    if module.__name__ == "megatron.core.transformer.moe.moe_utils":
-        # moe_utils only defines te_general_gemm when transformer-engine imports (NameError in the router).
-        namespace.setdefault("te_general_gemm", None)
-    elif module.__name__ == "megatron.core.pipeline_parallel.p2p_communication":
+    if module.__name__ == "megatron.core.pipeline_parallel.p2p_communication":
         namespace["_batched_p2p_ops"] = _ordered_p2p_ops(namespace["_p2p_ops"])  # see _ordered_p2p_ops
 
 

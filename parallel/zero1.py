@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.module import Float16Module
@@ -18,16 +19,20 @@ from megatron.core.utils import get_model_config
 from qwen3vl.parallel.layout import ParallelLayout
 
 
-def default_ddp_config() -> DistributedDataParallelConfig:
-    """fp32 gradient reduction, sharded optimizer; overlap only where there is a GPU to overlap on."""
-    on_gpu = torch.cuda.is_available()
+def default_ddp_config(overlap_grad_reduce: bool = True, bucket_size: Optional[int] = None
+                       ) -> DistributedDataParallelConfig:
+    """megatron DDP as a GPU run uses it, and the same on CPU: fp32 gradient reduction, the optimizer
+    sharded (ZeRO-1), and the gradient reduce-scatter overlapped with the backward pass, launched per bucket
+    as soon as every parameter of the bucket has its gradient. ``bucket_size`` (parameters per bucket) None
+    is megatron's default, max(40M, 1M·dp). With overlap every trainable parameter must get a gradient on
+    the last micro-batch of every step (megatron checks it per bucket): the model gives its vision tower
+    a zero-weight dummy input on rows without media for that (``Qwen3VLModel``)."""
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=True,
-        overlap_grad_reduce=on_gpu,
+        overlap_grad_reduce=overlap_grad_reduce,
         overlap_param_gather=False,
-        # One bucket per chunk keeps CPU runs simple; None lets megatron pick its GPU default.
-        bucket_size=None,
+        bucket_size=bucket_size,
     )
 
 
@@ -71,6 +76,6 @@ def wrap_for_training(model_chunks: Sequence[torch.nn.Module], layout: ParallelL
     config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(
         optimizer_config, ddp_chunks, config_overrides=config_overrides,
-        # Extra gloo copies of the DP groups exist only on GPU runs (see groups.initialize_parallel).
-        use_gloo_process_groups=torch.cuda.is_available())
+        # Extra gloo copies of the DP groups exist only on NCCL runs (see groups.initialize_parallel).
+        use_gloo_process_groups=dist.get_backend() == "nccl")
     return ddp_chunks, optimizer

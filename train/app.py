@@ -7,45 +7,53 @@ The recipe is composed with Hydra's compose API (``qwen3vl.train.config.load_con
 before any process group exists. Then: process groups for the layout; the model (one chunk per
 virtual pipeline stage) with the stage's frozen parts; megatron DDP + ZeRO-1 optimizer with per-part
 learning rates; the packed-row loader of this DP rank; resume from ``<run_dir>/checkpoints/latest``
-if there is one, else the weights of ``init_from`` (stage hand-off: weights only, any layout); train;
-plot the loss. bf16 with a GPU, fp32 on CPU (``train.precision``).
+if there is one, else the weights of ``init_from`` (stage hand-off: weights only, any layout); train,
+evaluating the held-out sets of ``eval.datasets`` (qwen3vl.train.evaluate); plot the loss. bf16 with a GPU, fp32 on CPU (``train.precision``).
 """
 from __future__ import annotations
 
-import json
 import logging
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 
+from qwen3vl.train.console import configure_console, filter_known_warnings
+
+# megatron-core warns while it is imported (by qwen3vl.parallel.micro_batch, through the imports below), on
+# every rank: its known, harmless notes are filtered first (so these imports follow a call, on purpose).
+# main() then quiets the ranks other than 0.
+filter_known_warnings()
+
+from qwen3vl.parallel.groups import process_device
+from qwen3vl.parallel.micro_batch import MicroBatch
 from qwen3vl.train.checkpoint import TrainState, find_latest, load_checkpoint, load_weights
-from qwen3vl.train.config import Qwen3VLTrainConfig, load_config, parse_app_argv, run_shape, to_yaml
+from qwen3vl.train.config import Qwen3VLTrainConfig, load_config, parse_app_argv, run_shape, to_dict, to_yaml
+from qwen3vl.train.failure_record import failures_dir
+from qwen3vl.train.rank_failure import report_rank_failure
 from qwen3vl.train.freeze import PartLR, apply_freeze, param_group_overrides
 from qwen3vl.train.loop import LoopConfig, LoopHooks, run_training
+from qwen3vl.train.schedule import SCHEDULE_FILE, build_scheduler, plan_file_text, plan_of, resume_changes
 
 log = logging.getLogger("qwen3vl.train")
-DEMO_SUBSETS = ("caption", "video", "interleaved", "text")  # the held-out split stays out of training
-DEMO_WEIGHTS = {"caption": 4.0, "video": 1.0, "interleaved": 1.0, "text": 1.0}
 
 
 # --- pieces ----------------------------------------------------------------------------------------------
-def dtype_of(cfg: Qwen3VLTrainConfig) -> torch.dtype:
+def device_name(cfg: Qwen3VLTrainConfig) -> str:
+    """``train.device`` as the name ``qwen3vl.parallel.groups.resolve_device`` takes."""
+    return getattr(cfg.train.device, "value", cfg.train.device)
+
+
+def dtype_of(cfg: Qwen3VLTrainConfig, device: torch.device) -> torch.dtype:
     precision = getattr(cfg.train.precision, "value", cfg.train.precision)
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
-def layout_of(cfg: Qwen3VLTrainConfig):
-    from qwen3vl.parallel.layout import ParallelLayout
-
-    p = cfg.parallel
-    return ParallelLayout(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp,
-                          sequence_parallel=p.sequence_parallel)
 
 
 def recompute_overrides(cfg: Qwen3VLTrainConfig) -> dict[str, Any]:
@@ -57,29 +65,29 @@ def recompute_overrides(cfg: Qwen3VLTrainConfig) -> dict[str, Any]:
     return dict(recompute_granularity="full", recompute_method=r.method, recompute_num_layers=r.num_layers)
 
 
-def build_model_chunks(cfg: Qwen3VLTrainConfig, model_config, dtype: torch.dtype) -> list[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage), on the GPU when there is one."""
+def build_training_chunks(cfg: Qwen3VLTrainConfig, model_config, dtype: torch.dtype,
+                          device: torch.device) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage) as the run's config wants them, on
+    ``device``."""
     from megatron.core.enums import ModelType
 
-    from qwen3vl.model import build
+    from qwen3vl.model.build import build_model_chunks
 
-    chunks = build.build_model_chunks(model_config, dtype, cfg.parallel.pipeline_layers,
-                                      calculate_per_token_loss=True, sequence_parallel=cfg.parallel.sequence_parallel,
-                                      vision_recompute=cfg.train.recompute.vision, **recompute_overrides(cfg))
+    chunks = build_model_chunks(model_config, dtype, cfg.parallel.pipeline_layers,
+                                calculate_per_token_loss=True, sequence_parallel=cfg.parallel.sequence_parallel,
+                                cp_comm_type=cfg.parallel.cp_comm_type, device=device,
+                                vision_recompute=cfg.train.recompute.vision, **recompute_overrides(cfg))
     for chunk in chunks:
         if not hasattr(chunk, "model_type"):  # megatron's schedules read it (GPTModel sets it itself)
             chunk.model_type = ModelType.encoder_or_decoder
-        if torch.cuda.is_available():
-            chunk.cuda(torch.cuda.current_device())
     return chunks
 
 
-def build_optimizer(cfg: Qwen3VLTrainConfig, chunks, layout, dtype: torch.dtype, steps: int, warmup: int):
-    """megatron DDP + distributed optimizer (ZeRO-1) with per-part lrs, and its lr schedule."""
+def build_optimizer(cfg: Qwen3VLTrainConfig, chunks, layout, dtype: torch.dtype):
+    """megatron DDP + distributed optimizer (ZeRO-1) with per-part lrs, and the stage's lr schedule."""
     from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from qwen3vl.parallel.zero1 import wrap_for_training
+    from qwen3vl.parallel.zero1 import default_ddp_config, wrap_for_training
 
     o, s = cfg.optim, cfg.schedule
     part_lrs = {part: PartLR(lr, lr * s.min_lr_ratio) for part, lr in asdict(o.lr).items()}
@@ -90,77 +98,37 @@ def build_optimizer(cfg: Qwen3VLTrainConfig, chunks, layout, dtype: torch.dtype,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype,
         use_distributed_optimizer=True)
     # The per-part groups go into the one optimizer build (a second build would double start-up memory).
-    ddp_chunks, optimizer = wrap_for_training(chunks, layout, opt_cfg,
+    ddp = default_ddp_config(cfg.parallel.overlap_grad_reduce, cfg.parallel.ddp_bucket_size)
+    ddp_chunks, optimizer = wrap_for_training(chunks, layout, opt_cfg, ddp_config=ddp,
                                               config_overrides=param_group_overrides(part_lrs))
     for chunk in ddp_chunks:
         chunk.config.grad_scale_func = optimizer.scale_loss
-    style = getattr(s.decay_style, "value", s.decay_style)
-    wsd = dict(wsd_decay_steps=max(1, int(s.wsd_decay_fraction * steps)), lr_wsd_decay_style="linear") \
-        if style == "wsd" else {}
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=max_lr, min_lr=max_lr * s.min_lr_ratio, lr_warmup_steps=warmup,
-        lr_decay_steps=max(steps, warmup + 1), lr_decay_style={"wsd": "WSD"}.get(style, style),
-        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(steps, 1), wd_incr_style="constant",
-        # The config wins over the checkpoint: rerunning a stage with more train.steps stretches its schedule.
-        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True, **wsd)
-    return ddp_chunks, optimizer, scheduler
+    return ddp_chunks, optimizer, build_scheduler(optimizer, plan_of(cfg), o.weight_decay)
 
 
-def loader_config(cfg: Qwen3VLTrainConfig):
-    """The data section as the loader's config; ``shards: demo`` is the demo corpus (built on first use)."""
-    from qwen3vl.data.loader import DatasetSpec, LoaderConfig
-    from qwen3vl.data.processing_config import ProcessingConfig
+def dataset_summary(loader_cfg) -> list[dict]:
+    """Each dataset's name, weight and absolute shard pattern: logged once, and in metrics.jsonl's first line."""
+    from qwen3vl.data.shards import absolute_pattern
 
-    datasets = []
-    for d in cfg.data.datasets:
-        if d.shards == "demo":
-            manifest = ensure_demo_corpus(cfg.data.demo_dir)
-            datasets += [DatasetSpec(manifest["subsets"][k]["pattern"], d.weight * DEMO_WEIGHTS[k]) for k in DEMO_SUBSETS]
-        else:
-            datasets.append(DatasetSpec(d.shards, d.weight))
-    return LoaderConfig(datasets=datasets, shuffle_buffer=cfg.data.shuffle_buffer, pack_buffer=cfg.data.pack_buffer,
-                        max_patches_per_row=cfg.data.max_patches_per_row,
-                        processing=ProcessingConfig(**dict(cfg.data.processing)), tokenizer_path=cfg.data.tokenizer,
-                        max_consecutive_failures=cfg.data.max_consecutive_failures)
+    return [{"name": d.name, "weight": d.weight, "shards": absolute_pattern(d.path)} for d in loader_cfg.datasets]
 
 
-def ensure_demo_corpus(demo_dir: str) -> dict:
-    """Rank 0 writes the demo corpus once; the others wait for it. Returns its manifest."""
-    from qwen3vl.data.demo import write_demo
-
-    manifest = Path(demo_dir) / "manifest.json"
-    if (not dist.is_initialized() or dist.get_rank() == 0) and not manifest.is_file():
-        write_demo(demo_dir)
-    if dist.is_initialized():
-        dist.barrier()
-    return json.loads(manifest.read_text())
-
-
-def microbatch_fn(device: torch.device):
-    """A packed row -> this CP rank's model inputs on ``device``."""
-    from dataclasses import fields, is_dataclass, replace
-
+def microbatch_converter(device: torch.device):
+    """A packed row -> this CP rank's micro-batch on ``device``."""
     from megatron.core import parallel_state as ps
 
     from qwen3vl.parallel.context_parallel import model_inputs
 
-    def move(x):
-        if isinstance(x, torch.Tensor):
-            return x.to(device, non_blocking=True)
-        if is_dataclass(x):  # PackedSeqParams: cu_seqlens tensors, max_seqlen ints
-            return replace(x, **{f.name: move(getattr(x, f.name)) for f in fields(x) if f.init})
-        return x
-
-    def to_microbatch(batch) -> dict[str, Any]:
+    def to_microbatch(batch) -> MicroBatch:
         inputs = model_inputs(batch, cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size())
-        return {k: move(v) for k, v in inputs.items()}
+        return inputs.to(device, non_blocking=True)
 
     return to_microbatch
 
 
-def run_qwen3vl(model, mb: dict[str, Any]) -> torch.Tensor:
+def forward_microbatch(model, mb: MicroBatch) -> torch.Tensor:
     """The model call of one micro-batch: per-token loss on the last stage, hidden states elsewhere."""
-    return model(**mb)
+    return model(**mb.model_kwargs())
 
 
 def count_row(batch) -> tuple[int, int]:
@@ -189,14 +157,13 @@ def build_training(cfg: Qwen3VLTrainConfig) -> TrainingSetup:
     from qwen3vl.train.config_checks import build_model_config
 
     shape = run_shape(cfg, dist.get_world_size())
-    dtype = dtype_of(cfg)
+    device = process_device()
+    dtype = dtype_of(cfg, device)
     model_config = build_model_config(cfg)
-    chunks = build_model_chunks(cfg, model_config, dtype)
+    chunks = build_training_chunks(cfg, model_config, dtype, device)
     trainable = list(cfg.train.trainable)
     apply_freeze(chunks, "all" if "all" in trainable else trainable)
-    ddp_chunks, optimizer, scheduler = build_optimizer(cfg, chunks, layout_of(cfg), dtype, shape.steps,
-                                                       shape.warmup_steps)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    ddp_chunks, optimizer, scheduler = build_optimizer(cfg, chunks, cfg.parallel.layout(), dtype)
     return TrainingSetup(cfg, shape, dtype, model_config, ddp_chunks, optimizer, scheduler, device)
 
 
@@ -204,34 +171,96 @@ def loop_config(setup: TrainingSetup) -> LoopConfig:
     t = setup.cfg.train
     return LoopConfig(steps=setup.shape.steps, num_microbatches=setup.shape.num_microbatches,
                       exponent=t.loss_exponent, save_interval=t.save_interval, keep_last_k=t.keep_last_k,
-                      max_consecutive_nan=t.max_consecutive_nan)
+                      max_consecutive_nan=t.max_consecutive_nan, stop_at_step=t.stop_at_step,
+                      stop_after_s=t.stop_after_minutes * 60 if t.stop_after_minutes is not None else None,
+                      # The limit counts from the start of this rank's process (imports and model build included).
+                      started_at=psutil.Process().create_time(), async_save=t.async_save,
+                      eval_interval=setup.cfg.eval.interval, eval_at_start=setup.cfg.eval.at_start,
+                      eval_end_step=setup.shape.total_steps if setup.cfg.eval.at_end else None)
 
 
-def loop_hooks(setup: TrainingSetup, loader=None) -> LoopHooks:
+def build_evaluator(setup: TrainingSetup, hooks: LoopHooks, metrics=None):
+    """The held-out evaluation of ``eval.datasets`` (qwen3vl.train.evaluate) through the loop's own
+    micro-batch conversion and model call; None without held-out sets. Collective (the demo corpus)."""
+    from qwen3vl.train.evaluate import Evaluator
+
+    cfg = setup.cfg
+    if not cfg.eval.datasets:
+        return None
+    eval_sets = cfg.eval.eval_sets(cfg.data, cfg.train.seq_length, setup.shape.pad_multiple)
+    return Evaluator(eval_sets, setup.model_chunks, hooks.to_microbatch, hooks.run_model,
+                     exponent=cfg.train.loss_exponent, microbatch_multiple=cfg.parallel.layout().microbatch_multiple,
+                     report=metrics.eval if metrics is not None else None)
+
+
+def loop_hooks(setup: TrainingSetup, loader=None, trace=None) -> LoopHooks:
+    from megatron.core import parallel_state as ps
+
+    from qwen3vl.train.balance import DataParallelBalancer, row_cost
     from qwen3vl.train.flops import FlopDims, batch_flops
 
     dims = FlopDims.from_model_config(setup.model_config)
     trainable = list(setup.cfg.train.trainable)
-    return LoopHooks(to_microbatch=microbatch_fn(setup.device), run_model=run_qwen3vl, count=count_row,
+    balance = None
+    if setup.cfg.data.balance and ps.get_data_parallel_world_size() > 1:
+        device = setup.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        balance = DataParallelBalancer(lambda row: row_cost(dims, row, trainable), ps.get_data_parallel_group(), device)
+    return LoopHooks(to_microbatch=microbatch_converter(setup.device), run_model=forward_microbatch, count=count_row,
                      flops=lambda b: batch_flops(dims, b, trainable).total,
                      loader_state=loader.state_dict if loader is not None else (lambda: None),
                      skipped_counts=loader.skipped_counts if loader is not None else dict,
-                     config_yaml=to_yaml(setup.cfg))
+                     config_yaml=to_yaml(setup.cfg, in_run_dir=True), balance=balance,
+                     checkpoint_files={SCHEDULE_FILE: plan_file_text(plan_of(setup.cfg))},
+                     trace=trace.write if trace is not None else None)
 
 
-def resume_or_init(setup: TrainingSetup, loader=None) -> TrainState:
+def open_data_trace(cfg: Qwen3VLTrainConfig, loader, start_step: int):
+    """``data.trace``: one writer per data-parallel replica (its TP/PP/CP rank 0); rank 0 first drops the
+    lines of steps the resumed state has not seen and lists the datasets' shards. Collective."""
+    from megatron.core import parallel_state as ps
+
+    from qwen3vl.data.trace import TraceWriter, truncate_after, write_datasets
+
+    if not cfg.data.trace:
+        return None
+    if dist.get_rank() == 0:
+        truncate_after(cfg.run_dir, start_step)
+        write_datasets(cfg.run_dir, {d.name: urls for d, urls in zip(loader.cfg.datasets, loader.urls)})
+    dist.barrier()
+    writer = (ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+              and ps.get_context_parallel_rank() == 0)
+    return TraceWriter(cfg.run_dir, dist.get_rank()) if writer else None
+
+
+@dataclass
+class Start:
+    """Where a run starts: its counters, and the schedule change a replanned resume made (else None)."""
+
+    state: TrainState
+    replanned: dict | None = None
+
+
+def resume_or_init(setup: TrainingSetup, loader=None) -> Start:
     """Resume from the run's latest checkpoint, else load ``init_from`` weights, else start fresh."""
     cfg = setup.cfg
     latest = find_latest(cfg.run_dir)
     if latest is not None:
+        # load_config refused a changed schedule unless schedule.on_resume=replan; this is the replan.
+        saved, changes = resume_changes(cfg, latest)
         resumed = load_checkpoint(latest, setup.model_chunks, setup.optimizer, setup.scheduler)
-        if resumed.loader_state is not None and loader is not None:
-            loader.load_state_dict(resumed.loader_state)
+        data = resumed.loader_state  # this DP rank's state, or every saved rank's under another layout
+        if loader is not None and data is not None and not (isinstance(data, list) and None in data):
+            loader.load_state_dict(data)
         log.warning("resumed %s at step %d", latest, resumed.state.step)
-        return resumed.state
+        replanned = None
+        if changes:
+            replanned = {"saved": saved.to_dict(), "new": plan_of(cfg).to_dict(), "changes": changes}
+            log.warning("schedule replanned from step %d (schedule.on_resume=replan): %s", resumed.state.step,
+                        "; ".join(changes))
+        return Start(resumed.state, replanned)
     if cfg.init_from:
         log.warning("initialised weights from %s", load_weights(cfg.init_from, setup.model_chunks))
-    return TrainState()
+    return Start(TrainState())
 
 
 def train(cfg: Qwen3VLTrainConfig) -> str:
@@ -242,31 +271,51 @@ def train(cfg: Qwen3VLTrainConfig) -> str:
     from qwen3vl.parallel.groups import destroy_parallel, initialize_parallel
     from qwen3vl.train.flops import peak_tflops
     from qwen3vl.train.metrics import MetricsWriter
+    from qwen3vl.train.signals import start_helpers_deaf_to_preemption
 
-    initialize_parallel(layout_of(cfg), seed=cfg.train.seed)
-    loader = None
+    start_helpers_deaf_to_preemption()  # before the data workers, whose semaphores start it otherwise
+    device = initialize_parallel(cfg.parallel.layout(), seed=cfg.train.seed, device=device_name(cfg))
+    loader = trace = None
     try:
         setup = build_training(cfg)
-        loader = build_loader(loader_config(cfg), seq_length=cfg.train.seq_length,
+        data_cfg = cfg.data.loader_config()
+        datasets = dataset_summary(data_cfg)
+        if dist.get_rank() == 0:
+            for d in datasets:
+                log.warning("dataset %r (weight %g): %s", d["name"], d["weight"], d["shards"])
+        loader = build_loader(data_cfg, seq_length=cfg.train.seq_length,
                               pad_multiple=setup.shape.pad_multiple, dp_rank=ps.get_data_parallel_rank(),
                               dp_size=ps.get_data_parallel_world_size(), num_workers=cfg.data.num_workers,
                               seed=cfg.train.seed)
-        state = resume_or_init(setup, loader)
+        start = resume_or_init(setup, loader)
+        state = start.state
+        trace = open_data_trace(cfg, loader, state.step)
         rank = dist.get_rank()
+        run_info = {"backend": dist.get_backend(), "device": device.type}
         if rank == 0:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.run_dir) / "config.yaml").write_text(to_yaml(cfg))
-        metrics = MetricsWriter(cfg.run_dir, total_steps=setup.shape.steps, start_step=state.step,
-                                world_size=dist.get_world_size(),
+            (Path(cfg.run_dir) / "config.yaml").write_text(to_yaml(cfg, in_run_dir=True))
+            print(f"[qwen3vl-train] {dist.get_world_size()} rank(s) on {device.type} ({run_info['backend']}), "
+                  f"{str(setup.dtype).removeprefix('torch.')}", flush=True)
+        loop = loop_config(setup)
+        metrics = MetricsWriter(cfg.run_dir, total_steps=loop.last_step, horizon=setup.shape.total_steps,
+                                start_step=state.step, world_size=dist.get_world_size(),
                                 peak_tflops=peak_tflops(precision="bf16" if setup.dtype == torch.bfloat16 else "fp32"),
-                                enabled=rank == 0, wandb_cfg=cfg.wandb, label=cfg.stage)
+                                enabled=rank == 0, wandb_cfg=cfg.wandb, config=to_dict(cfg), label=cfg.stage,
+                                first_line={"datasets": datasets}, log_interval=cfg.train.log_interval)
+        if start.replanned is not None:
+            metrics.event("schedule_replanned", state.step, **start.replanned)
+        hooks = loop_hooks(setup, loader, trace)
+        hooks.evaluate = build_evaluator(setup, hooks, metrics)
         outcome = run_training(cfg.run_dir, setup.model_chunks, setup.optimizer, setup.scheduler, loader, state,
-                               loop_config(setup), loop_hooks(setup, loader), metrics)
+                               loop, hooks, metrics, run_info=run_info)
         plot = metrics.close(plot=True)
         if rank == 0:
             print(f"[qwen3vl-train] {outcome} at step {state.step}; loss plot: {plot}", flush=True)
         return outcome
     finally:
+        if trace is not None:
+            trace.close()
         if loader is not None:
             loader.close()
         destroy_parallel()
@@ -274,9 +323,17 @@ def train(cfg: Qwen3VLTrainConfig) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    configure_console(int(os.environ.get("RANK", "0")))  # ranks other than 0: errors only
     recipe, overrides = parse_app_argv(sys.argv[1:] if argv is None else argv)
     cfg = load_config(recipe, overrides)
-    train(cfg)
+    if device_name(cfg) == "cpu":
+        # Before anything asks CUDA (it reads this once): a CPU run on a GPU host must not see the GPUs, or
+        # megatron would allocate on them (its CPU backend applies only where no GPU is visible).
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        train(cfg)
+    except Exception as exc:  # noqa: BLE001 - recorded for the launcher's last line, then exit 1
+        return report_rank_failure(failures_dir(cfg.run_dir), exc)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

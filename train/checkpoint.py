@@ -5,16 +5,23 @@ Layout of a run directory::
     <run_dir>/checkpoints/iter_0000100/   one megatron dist checkpoint (model, distributed optimizer,
                                           scheduler, counters, per-rank RNG, per-DP-rank loader state)
                                           + config.yaml (the resolved run config)
+                                          + model_config.json (the architecture, read by qwen3vl-convert)
     <run_dir>/checkpoints/latest          the tracker: the name of the last *committed* checkpoint
 
 Commit protocol: every rank writes its shards, a barrier proves all of them finished, and only then
-rank 0 replaces the tracker (temp file + fsync + os.replace). A crash anywhere before that leaves the
+rank 0 replaces the tracker (temp file + fsync + os.replace); an asynchronous save
+(qwen3vl.train.checkpoint_async) runs the same commit once its background writers are all done. A crash anywhere before that leaves the
 previous checkpoint as latest; directories newer than the tracker are partial and are removed before
 they are reused. Retention keeps the last k committed checkpoints and never deletes the latest.
 
-Resharding: model tensors and the optimizer state (megatron's 'fully_reshardable' format) load under any TP/PP/EP/DP layout. RNG states (one per global rank) and loader states
-(one per DP rank) only mean something under the same layout: with a different one they are not
-restored, and a warning says so.
+Resharding: model tensors and the optimizer state load under any TP/PP/EP/DP layout. The optimizer
+state is stored in megatron's 'fully_reshardable' layout (one tensor of the parameter's shape per Adam
+state) but written and read in place by every rank (qwen3vl.train.optimizer_shards): a save never
+gathers the optimizer on any rank, so its host memory is this rank's ZeRO-1 shard. RNG states (one per
+global rank) only mean something under the same layout: with a different one they are not restored, and
+a warning says so. Loader states (one per DP rank) are restored as they are under the same layout; under
+a different one every rank gets all of them, which the loader re-partitions over the new data-parallel
+ranks (qwen3vl/data/elastic.py).
 """
 from __future__ import annotations
 
@@ -31,15 +38,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from qwen3vl.model.interop.mcore_checkpoint import (MODEL_CONFIG_FILE, architecture_differences, architecture_json,
+                                                    read_checkpoint_architecture)
+from qwen3vl.train import optimizer_shards
+
 log = logging.getLogger(__name__)
 
 TRACKER = "latest"
 CONFIG_FILE = "config.yaml"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
-# The optimizer format megatron can load under a different model-parallel layout. (The parallel
-# 'fully_sharded_model_space' is rejected by 0.16.1; 'dp_reshardable' cannot change TP/PP.) Saving
-# gathers each DP group's optimizer shards on its DP rank 0.
-OPTIMIZER_FORMAT = "fully_reshardable"
 
 
 class CheckpointError(RuntimeError):
@@ -198,14 +205,15 @@ def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict[s
 
 
 def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState | None, loader_state: Any,
-                        *, is_loading: bool, with_optimizer: bool, with_rank_state: bool) -> dict[str, Any]:
+                        *, is_loading: bool, with_optimizer: bool, with_rank_state: bool,
+                        all_loader_states: int | None = None,
+                        optimizer_key_prefixes: Sequence[str] | None = None) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     sd = _model_sharded_state_dict(model_chunks)
     if with_optimizer and optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(
-            dict(sd), is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_FORMAT})
+        sd["optimizer"] = optimizer_shards.sharded_state_dict(optimizer, dict(sd), optimizer_key_prefixes)
     if with_optimizer and scheduler is not None:
         sd["scheduler"] = scheduler.state_dict()
     if state is not None:
@@ -220,6 +228,10 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState | 
         peer = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                 ps.get_context_parallel_rank())
         sd["loader_state"] = ShardedObject("loader_state", loader_state, (dp_size,), (dp_rank,), replica_id=peer)
+    if all_loader_states:  # loading under another layout: the states of all the saved DP ranks
+        me = dist.get_rank() if dist.is_initialized() else 0  # every rank reads them all; one is "main"
+        sd["loader_state"] = [ShardedObject("loader_state", None, (all_loader_states,), (i,), replica_id=me)
+                              for i in range(all_loader_states)]
     return sd
 
 
@@ -240,10 +252,21 @@ def save_checkpoint(
     loader_state: Any = None,
     config_yaml: str | None = None,
     keep_last_k: int | None = None,
+    extra_files: dict[str, str] | None = None,
+    async_saver=None,
 ) -> Path:
-    """Saves step ``state.step`` on every rank (collective), commits it, applies retention."""
+    """Saves step ``state.step`` on every rank (collective), commits it, applies retention.
+
+    ``extra_files``: small text files (name -> content) rank 0 writes into the checkpoint directory
+    before the commit, e.g. the schedule plan (qwen3vl.train.schedule). With ``async_saver`` (a
+    ``qwen3vl.train.checkpoint_async.AsyncSaver``) the shards are written in the background and the
+    commit happens when the saver finds every rank's writer done (its ``poll`` / ``wait``); the state is
+    captured now, so training may continue at once.
+    """
     from megatron.core import dist_checkpointing
 
+    if async_saver is not None:
+        async_saver.wait()  # the previous save commits first: it is the one remove_uncommitted must keep
     target = iteration_dir(run_dir, state.step)
     if _rank() == 0:
         remove_uncommitted(run_dir)
@@ -255,17 +278,38 @@ def save_checkpoint(
         _ensure_optimizer_state(optimizer)  # a save before the first step (e.g. the initial weights)
     sd = _sharded_state_dict(model_chunks, optimizer, scheduler, state, loader_state,
                              is_loading=False, with_optimizer=True, with_rank_state=True)
-    dist_checkpointing.save(sd, str(target))
-    if _rank() == 0 and config_yaml is not None:
-        _write_atomic(target / CONFIG_FILE, config_yaml)
-    _barrier()  # every rank's shards are on disk
-    _before_commit()
+    request = dist_checkpointing.save(sd, str(target), async_sharded_save=async_saver is not None)
     if _rank() == 0:
-        _write_atomic(checkpoints_dir(run_dir) / TRACKER, target.name + "\n")
-        if keep_last_k:
-            apply_retention(run_dir, keep_last_k)
-    _barrier()  # nobody reads the tracker or starts the next save before it moved
+        files = {**({CONFIG_FILE: config_yaml} if config_yaml is not None else {}), **(extra_files or {})}
+        architecture = _architecture(model_chunks)
+        if architecture is not None:
+            files[MODEL_CONFIG_FILE] = architecture
+        for name, text in files.items():
+            _write_atomic(target / name, text)
+
+    def commit() -> None:
+        _barrier()  # every rank's shards are on disk
+        _before_commit()
+        if _rank() == 0:
+            _write_atomic(checkpoints_dir(run_dir) / TRACKER, target.name + "\n")
+            if keep_last_k:
+                apply_retention(run_dir, keep_last_k)
+        _barrier()  # nobody reads the tracker or starts the next save before it moved
+
+    if async_saver is None:
+        commit()
+    else:
+        async_saver.schedule(request, commit)
     return target
+
+
+def _architecture(model_chunks: Sequence[torch.nn.Module]) -> str | None:
+    """model_config.json of a Qwen3-VL model: its architecture and parameter dtype, so that exports and
+    verify read a training checkpoint like a converted one (other test models record none)."""
+    model = unwrap(model_chunks[0])
+    if getattr(model, "model_config", None) is None:
+        return None
+    return architecture_json(model.model_config, next(model.parameters()).dtype)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -312,7 +356,9 @@ def remove_uncommitted(run_dir: str | os.PathLike) -> list[int]:
 class LoadResult:
     path: Path
     state: TrainState
-    loader_state: Any = None  # None when the DP layout changed (the loader cannot resume exactly)
+    # What the loader's load_state_dict takes: this DP rank's state under the same layout, the list of
+    # every saved DP rank's state under another.
+    loader_state: Any = None
     restored_rng: bool = False
     saved_layout: dict[str, int] = field(default_factory=dict)
 
@@ -333,35 +379,40 @@ def load_checkpoint(
     same_layout = saved_layout == _layout_signature()
     if not same_layout:
         log.warning("checkpoint %s was saved under layout %s, loading under %s: model and optimizer are "
-                    "resharded; per-rank RNG and the data loader position are NOT restored", ckpt,
+                    "resharded, the data loader position is re-partitioned; per-rank RNG is NOT restored", ckpt,
                     saved_layout, _layout_signature())
+    prefixes = None
     if optimizer is not None:
-        group_settings = _group_settings(optimizer)
-        _ensure_optimizer_state(optimizer)
-    sd = _sharded_state_dict(model_chunks, optimizer, scheduler, TrainState(), None,
-                             is_loading=True, with_optimizer=True, with_rank_state=same_layout)
+        # The common part first (param groups, steps; it allocates missing Adam moments): the loading
+        # state dict's optimizer boxes are views of those tensors and get filled in place.
+        settings = _group_settings(optimizer)
+        optimizer_shards.load_common(optimizer, common["optimizer"])
+        _restore_group_settings(optimizer, settings)
+        prefixes = optimizer_shards.key_prefixes(str(ckpt), optimizer)
+    sd = _sharded_state_dict(model_chunks, optimizer, scheduler, TrainState(), None, is_loading=True,
+                             with_optimizer=True, with_rank_state=same_layout, optimizer_key_prefixes=prefixes,
+                             all_loader_states=None if same_layout else saved_layout.get("dp"))
+    targets = optimizer_shards.box_targets(optimizer, sd["optimizer"]) if optimizer is not None else {}
     loaded = dist_checkpointing.load(sd, str(ckpt))
     _apply_model(model_chunks, loaded)
     if optimizer is not None:
-        _load_optimizer_state(optimizer, loaded["optimizer"], group_settings)
+        optimizer_shards.apply_loaded(optimizer, targets, loaded["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         restore_rng_state(loaded["rng_state"])
     _barrier()
     return LoadResult(path=ckpt, state=TrainState.from_dict(loaded["train_state"]),
-                      loader_state=loaded.get("loader_state") if same_layout else None,
+                      loader_state=loaded.get("loader_state"),
                       restored_rng=same_layout, saved_layout=saved_layout)
 
 
 def _ensure_optimizer_state(optimizer) -> None:
     """Gives a fresh optimizer zero Adam moments and step 0 (what torch's AdamW starts from), without
-    touching the parameters.
+    touching the parameters, so that a save before the first step has an optimizer state to write.
 
-    megatron's DistributedOptimizer builds its loading state dict from its *current* state and, with
-    torch's AdamW (no apex/TE), asserts that a 'step' exists; a fresh optimizer has none. Its own
-    remedy (_init_optimizer_states_with_dummy_values) takes a real step, which weight decay turns
-    into a parameter change; this only allocates the state, which the load then overwrites.
+    megatron's own remedy (_init_optimizer_states_with_dummy_values) takes a real step, which weight
+    decay turns into a parameter change.
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
@@ -380,53 +431,28 @@ def _ensure_optimizer_state(optimizer) -> None:
 _GROUP_SETTINGS = ("max_lr", "min_lr", "wd_mult", "lr_mult", "is_decoupled_lr", "default_config")
 
 
+def _inner_optimizers(optimizer) -> list:
+    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer]) if hasattr(opt, "optimizer")]
+
+
 def _group_settings(optimizer) -> list[list[dict]]:
     """This run's per-group hyperparameters (per-part lrs, weight-decay multipliers), from its config.
 
     megatron's load replaces them with the checkpoint's (every group then gets the base max_lr; its
-    own loading state dict already round-trips them that way), so they are taken before anything is
-    built and put back afterwards; the scheduler then recomputes lr and weight decay from them.
+    own loading state dict already round-trips them that way), so they are taken before the load and
+    put back afterwards; the scheduler then recomputes lr and weight decay from them.
     """
     return [[{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in opt.optimizer.param_groups]
-            for opt in getattr(optimizer, "chained_optimizers", [optimizer]) if hasattr(opt, "optimizer")]
+            for opt in _inner_optimizers(optimizer)]
 
 
-def _load_optimizer_state(optimizer, state: dict, group_settings: list[list[dict]]) -> None:
-    """``optimizer.load_state_dict`` around megatron 0.16.1 bugs (the first two with torch's Adam).
-
-    Loading the 'fully_reshardable' format copies every key of a parameter's current Adam state from
-    the checkpoint, but the checkpoint's per-parameter entries deliberately omit 'step' (restored
-    separately, just before) -> KeyError. For the duration of the load, keys the checkpoint does not
-    carry keep their current value.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    patched = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(opt, DistributedOptimizer) or opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            continue
-        original = opt._set_main_param_and_optimizer_states
-
-        def set_states(model_param, tensors, opt=opt, original=original):
-            group_index, group_order = opt.model_param_group_index_map[model_param]
-            current = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
-            return original(model_param, {**{k: v for k, v in current.items() if k not in tensors}, **tensors})
-
-        opt._set_main_param_and_optimizer_states = set_states
-        patched.append(opt)
-    try:
-        optimizer.load_state_dict(state)
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states  # back to the class method
-    inner_optimizers = [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer]) if hasattr(opt, "optimizer")]
-    for opt, settings in zip(inner_optimizers, group_settings):
+def _restore_group_settings(optimizer, group_settings: list[list[dict]]) -> None:
+    for opt, settings in zip(_inner_optimizers(optimizer), group_settings):
         for group, kept in zip(opt.optimizer.param_groups, settings):
             group.update(kept)
-    # megatron hands every parameter the *same* 'step' tensor, which torch's AdamW then increments
-    # in place once per parameter per step: give each parameter its own.
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for param_state in getattr(getattr(opt, "optimizer", None), "state", {}).values():
+        # megatron hands every parameter the *same* 'step' tensor, which torch's AdamW then increments
+        # in place once per parameter per step: give each parameter its own.
+        for param_state in opt.optimizer.state.values():
             if isinstance(param_state.get("step"), torch.Tensor):
                 param_state["step"] = param_state["step"].clone()
 
@@ -437,13 +463,29 @@ def load_weights(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Module
     from megatron.core import dist_checkpointing
 
     ckpt = resolve_checkpoint(path)
+    _warn_on_other_architecture(ckpt, model_chunks)
     loaded = dist_checkpointing.load(_model_sharded_state_dict(model_chunks), str(ckpt))
     _apply_model(model_chunks, loaded)
     _barrier()
     return ckpt
 
 
+def _warn_on_other_architecture(ckpt: Path, model_chunks: Sequence[torch.nn.Module]) -> None:
+    """Weights load into any model of the same shapes; fields without weights (rope theta, norm epsilon,
+    ...) could differ unnoticed, so say so when the checkpoint records them."""
+    model = unwrap(model_chunks[0])
+    if _rank() != 0 or getattr(model, "model_config", None) is None or not (ckpt / MODEL_CONFIG_FILE).is_file():
+        return
+    differences = architecture_differences(read_checkpoint_architecture(ckpt).model, model.model_config)
+    if differences:
+        log.warning("%s records another architecture than this run's model: %s; set model.overrides to match "
+                    "unless the change is meant", ckpt, ", ".join(f"{field} {a!r} (this run {b!r})"
+                                                               for field, a, b in differences))
+
+
 def _apply_model(model_chunks: Sequence[torch.nn.Module], loaded: dict[str, Any]) -> None:
     n = len(model_chunks)
     for i, chunk in enumerate(model_chunks):
-        unwrap(chunk).load_state_dict(loaded[_model_key(i, n)], strict=True)
+        # A 0-layer virtual stage that is neither first nor last holds no parameters, and
+        # dist_checkpointing returns no entry for its empty state dict.
+        unwrap(chunk).load_state_dict(loaded.get(_model_key(i, n), {}), strict=True)

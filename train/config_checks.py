@@ -7,13 +7,13 @@ name the field and say what to change. It never touches torch.distributed.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qwen3vl.parallel.layout import ParallelLayout
+from qwen3vl.parallel.layout import ALL_GATHER_CP_COMM_TYPES, CP_COMM_TYPES
 from qwen3vl.train.config import (TRAINABLE_PARTS, ConfigError, Qwen3VLTrainConfig, run_shape)
+from qwen3vl.train.schedule import horizon, resume_problems
 
 DEMO_SHARDS = "demo"
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
@@ -22,8 +22,8 @@ _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
 def validate(cfg: Qwen3VLTrainConfig, world_size: int, *, check_paths: bool = True) -> Qwen3VLTrainConfig:
     """Return ``cfg`` with ``train.steps`` filled in, or raise ``ConfigError`` listing every problem.
 
-    ``check_paths=False`` skips the file-system checks (shards, init_from), e.g. to validate a Slurm
-    job on a login node that does not mount the data.
+    ``check_paths=False`` skips the file-system checks (shards, init_from, the schedule saved in
+    run_dir's checkpoint), e.g. to validate a Slurm job on a login node that does not mount the data.
     """
     problems: list[str] = []
     if world_size < 1:
@@ -37,9 +37,12 @@ def validate(cfg: Qwen3VLTrainConfig, world_size: int, *, check_paths: bool = Tr
     problems += _schedule_problems(cfg)
     problems += _optim_problems(cfg)
     problems += _data_problems(cfg, check_paths)
+    problems += _eval_problems(cfg, check_paths)
     if check_paths and cfg.init_from and not Path(cfg.init_from).exists():
         problems.append(f"init_from={cfg.init_from} does not exist: give the run directory or checkpoint "
                         "directory of the previous stage, or init_from=null")
+    if check_paths and not problems:
+        problems += resume_problems(cfg)
     if problems:
         raise ConfigError(problems)
     if cfg.train.steps is None:
@@ -97,45 +100,41 @@ def _model_problems(cfg: Qwen3VLTrainConfig, problems: list[str]) -> Any:
 # --- layout and sizes ----------------------------------------------------------------------------------
 def _layout_problems(cfg: Qwen3VLTrainConfig, model: Any, world_size: int) -> list[str]:
     p = cfg.parallel
-    layout = ParallelLayout(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp,
-                            sequence_parallel=p.sequence_parallel)
-    found = [f"parallel: {msg}" for msg in layout.problems(
-        world_size, num_attention_heads=model.text.num_attention_heads,
-        num_query_groups=model.text.num_key_value_heads, num_layers=model.text.num_layers,
-        num_experts=model.text.num_experts or None,
-        pipeline_layers=tuple(p.pipeline_layers) if p.pipeline_layers is not None else None,
-        deepstack_layers=model.num_deepstack_layers)]
-    # The ViT runs with the LLM's tensor parallelism on the first stage, so its heads split over tp too.
-    if p.tp >= 1 and model.vision.num_heads % p.tp:
-        found.append(f"parallel.tp={p.tp} does not divide the {model.vision.num_heads} ViT heads (the ViT "
-                     f"shares the LLM's tensor parallelism): choose tp among the divisors of "
-                     f"{model.vision.num_heads}")
-    if p.cp_comm_type not in ("p2p", "a2a", "all_gather", "a2a+p2p"):
-        found.append(f"parallel.cp_comm_type={p.cp_comm_type!r}: use p2p, a2a, all_gather or a2a+p2p")
+    found = [f"parallel: {msg}" for msg in p.layout().problems(world_size, prefix="parallel.",
+                                                                 **model.layout_dims())]
+    if p.cp_comm_type not in CP_COMM_TYPES:
+        found.append(f"parallel.cp_comm_type={p.cp_comm_type!r}: use {', '.join(CP_COMM_TYPES)}")
+    elif p.cp > 1 and p.cp_comm_type not in ALL_GATHER_CP_COMM_TYPES and not _transformer_engine_available():
+        found.append(f"parallel.cp_comm_type={p.cp_comm_type!r} needs transformer-engine's attention, which is "
+                     f"not installed here (the built-in attention all-gathers K/V): use "
+                     f"{' or '.join(ALL_GATHER_CP_COMM_TYPES)}, or install transformer-engine")
+    if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:
+        found.append(f"parallel.ddp_bucket_size={p.ddp_bucket_size}: give parameters per bucket (>= 1) or null "
+                     "for megatron's default")
     return found
+
+
+def _transformer_engine_available() -> bool:
+    # Lazy: it imports torch and megatron, which config validation (the launcher, login nodes) otherwise avoids.
+    from qwen3vl.model.attention import transformer_engine_available
+
+    return transformer_engine_available()
 
 
 def _sequence_problems(cfg: Qwen3VLTrainConfig) -> list[str]:
     p, seq = cfg.parallel, cfg.train.seq_length
-    if seq < 2 or p.cp < 1 or p.tp < 1:
-        return [f"train.seq_length={seq} must be at least 2"] if seq < 2 else []
-    multiple = ParallelLayout(tp=p.tp, cp=p.cp, sequence_parallel=p.sequence_parallel).sequence_multiple
-    if seq % multiple == 0:
-        return []
-    why = f"2·parallel.cp = {2 * p.cp}" if p.cp > 1 else ""
-    if p.sequence_parallel:
-        why += (" × " if why else "") + f"parallel.tp = {p.tp} (sequence parallel)"
-    lower = seq // multiple * multiple
-    return [f"train.seq_length={seq} is not divisible by {multiple} ({why}): context parallelism cuts "
-            f"every sequence into 2·cp equal chunks; use train.seq_length={lower or multiple} or "
-            f"{lower + multiple}, or change parallel.cp"]
+    if seq < 2:
+        return [f"train.seq_length={seq} must be at least 2"]
+    if p.cp < 1 or p.tp < 1:
+        return []  # reported with the layout
+    return p.layout().sequence_problems(seq, prefix="parallel.", seq_field="train.seq_length")
 
 
 def _batch_problems(cfg: Qwen3VLTrainConfig, world_size: int) -> list[str]:
-    t, p = cfg.train, cfg.parallel
+    t, layout = cfg.train, cfg.parallel.layout()
     if t.global_batch_tokens < 1 or t.micro_batch_rows < 1 or t.seq_length < 2:
         return []  # reported by _train_problems / _sequence_problems
-    dp = world_size // (p.tp * p.pp * p.cp)
+    dp = layout.dp(world_size)
     if t.global_batch_tokens % t.seq_length:
         rows = max(1, t.global_batch_tokens // t.seq_length)
         return [f"train.global_batch_tokens={t.global_batch_tokens} is not a whole number of "
@@ -149,29 +148,25 @@ def _batch_problems(cfg: Qwen3VLTrainConfig, world_size: int) -> list[str]:
                 f"tokens, not divisible by dp·train.micro_batch_rows = {dp}·{t.micro_batch_rows} = "
                 f"{per_step}: use train.global_batch_tokens={fix * t.seq_length} (a multiple of "
                 f"{per_step * t.seq_length}) or change the number of ranks"]
-    microbatches = rows // per_step
-    if p.vpp is not None and microbatches % p.pp:
-        return [f"{microbatches} micro-batches per step is not divisible by parallel.pp={p.pp}, which the "
-                f"interleaved schedule (parallel.vpp={p.vpp}) needs: make train.global_batch_tokens a "
-                f"multiple of {p.pp * per_step * t.seq_length} or set parallel.vpp=null"]
-    return []
+    fix = (f"make train.global_batch_tokens a multiple of "
+           f"{layout.microbatch_multiple * per_step * t.seq_length}")
+    return layout.microbatch_problems(rows // per_step, prefix="parallel.", fix=fix)
 
 
 def _train_problems(cfg: Qwen3VLTrainConfig) -> list[str]:
     t, found = cfg.train, []
-    if t.steps is None and t.token_budget is None:
-        found.append("train.steps and train.token_budget are both null: set train.steps=N or "
-                     "train.token_budget=<tokens>")
     if t.steps is not None and t.steps < 1:
         found.append(f"train.steps={t.steps} must be at least 1")
+    if t.stop_at_step is not None and t.stop_at_step < 1:
+        found.append(f"train.stop_at_step={t.stop_at_step} must be at least 1 (or null)")
+    if t.stop_after_minutes is not None and t.stop_after_minutes <= 0:
+        found.append(f"train.stop_after_minutes={t.stop_after_minutes} must be positive (or null)")
     if t.token_budget is not None and t.token_budget <= 0:
         found.append(f"train.token_budget={t.token_budget} must be positive")
     for name in ("global_batch_tokens", "micro_batch_rows", "save_interval", "keep_last_k", "log_interval",
                  "max_consecutive_nan"):
         if getattr(t, name) < 1:
             found.append(f"train.{name}={getattr(t, name)} must be at least 1")
-    if t.eval_interval < 0:
-        found.append(f"train.eval_interval={t.eval_interval}: use 0 (off) or a positive interval")
     if not 0.0 <= t.loss_exponent <= 1.0:
         found.append(f"train.loss_exponent={t.loss_exponent} must be in [0, 1] (0 token mean, 0.5 the "
                      "square-root rule, 1 sample mean)")
@@ -200,13 +195,31 @@ def _schedule_problems(cfg: Qwen3VLTrainConfig) -> list[str]:
         found.append(f"schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
     if not 0.0 < s.wsd_decay_fraction <= 1.0:
         found.append(f"schedule.wsd_decay_fraction={s.wsd_decay_fraction} must be in (0, 1]")
-    steps = cfg.train.steps
-    if steps is None and cfg.train.token_budget and cfg.train.global_batch_tokens > 0:
-        steps = math.ceil(cfg.train.token_budget / cfg.train.global_batch_tokens)
-    if steps and s.warmup_steps is not None and s.warmup_steps >= steps:
-        found.append(f"schedule.warmup_steps={s.warmup_steps} leaves no decay in {steps} steps: use fewer "
-                     "warmup steps or schedule.warmup_fraction")
+    if s.total_steps is not None and s.total_steps < 1:
+        found.append(f"schedule.total_steps={s.total_steps} must be at least 1 (or null: the token budget)")
+        return found
+    if cfg.train.token_budget is not None and cfg.train.token_budget <= 0:
+        return found  # reported by _train_problems
+    total = horizon(cfg)
+    if total is None:
+        return found + ["the schedule has no horizon: set train.token_budget=<tokens the stage trains on> "
+                        "(the schedule spans token_budget / global_batch_tokens steps) or schedule.total_steps=N; "
+                        "train.steps only says where a run stops"]
+    if s.warmup_steps is not None and s.warmup_steps >= total:
+        found.append(f"schedule.warmup_steps={s.warmup_steps} leaves no decay in the schedule's {total} steps: "
+                     "use fewer warmup steps or schedule.warmup_fraction")
+    if cfg.train.steps is not None and cfg.train.steps > total:
+        found.append(f"train.steps={cfg.train.steps} runs past the end of the schedule ({total} steps = "
+                     f"{_horizon_source(cfg)}): raise train.token_budget or schedule.total_steps for a longer "
+                     "stage, or leave train.steps out to stop at the end")
     return found
+
+
+def _horizon_source(cfg: Qwen3VLTrainConfig) -> str:
+    if cfg.schedule.total_steps is not None:
+        return "schedule.total_steps"
+    return (f"train.token_budget={cfg.train.token_budget:g} / train.global_batch_tokens="
+            f"{cfg.train.global_batch_tokens}")
 
 
 def _optim_problems(cfg: Qwen3VLTrainConfig) -> list[str]:
@@ -232,6 +245,8 @@ def _optim_problems(cfg: Qwen3VLTrainConfig) -> list[str]:
 
 # --- data --------------------------------------------------------------------------------------------
 def _data_problems(cfg: Qwen3VLTrainConfig, check_paths: bool) -> list[str]:
+    from qwen3vl.data.dataset_errors import ON_EMPTY_DATASET  # lazy like the shard checks: webdataset imports torch
+
     d, found = cfg.data, []
     if not d.datasets:
         return ["data.datasets is empty: pick a mix with data=<name> (see recipes/data/) or data=demo"]
@@ -249,14 +264,40 @@ def _data_problems(cfg: Qwen3VLTrainConfig, check_paths: bool) -> list[str]:
             found.append(f"data.{name}={getattr(d, name)} must be at least 1")
     if d.num_workers < 0:
         found.append(f"data.num_workers={d.num_workers} must be >= 0")
+    if d.on_empty_dataset not in ON_EMPTY_DATASET:
+        found.append(f"data.on_empty_dataset={d.on_empty_dataset!r}: use stop (the run stops, naming the "
+                     "dataset) or drop (the dataset leaves the mixture, the others renormalise)")
     found += _processing_problems(cfg)
     return found
 
 
-def _shard_problems(index: int, name: str, shards: str) -> list[str]:
+def _eval_problems(cfg: Qwen3VLTrainConfig, check_paths: bool) -> list[str]:
+    e, found = cfg.eval, []
+    if e.interval < 0:
+        found.append(f"eval.interval={e.interval}: use 0 (no periodic evaluation) or a positive number of steps")
+    if e.interval > 0 and not e.datasets:
+        found.append(f"eval.interval={e.interval} but eval.datasets is empty: name the held-out sets "
+                     "(eval.datasets=[{name: ..., shards: ...}], shards: demo for the demo's) or set eval.interval=0")
+    for name in ("samples", "tokens"):
+        if getattr(e, name) is not None and getattr(e, name) < 1:
+            found.append(f"eval.{name}={getattr(e, name)} must be at least 1 (or null)")
+    if e.samples is not None and e.tokens is not None:
+        found.append(f"eval.samples={e.samples} and eval.tokens={e.tokens} both limit the held-out pass: set "
+                     "one of them to null")
+    names = [d.name for d in e.datasets]
+    if len(set(names)) != len(names):
+        found.append(f"eval.datasets names {names} repeat: give each held-out set its own name (it names its "
+                     "metrics, eval/<name>/...)")
+    for i, d in enumerate(e.datasets):
+        if check_paths and d.shards != DEMO_SHARDS:
+            found += _shard_problems(i, d.name, d.shards, section="eval.datasets")
+    return found
+
+
+def _shard_problems(index: int, name: str, shards: str, section: str = "data.datasets") -> list[str]:
     from qwen3vl.data.shards import expand_shards, is_local
 
-    where = f"data.datasets[{index}] ({name}) shards={shards}"
+    where = f"{section}[{index}] ({name}) shards={shards}"
     try:
         urls = expand_shards(shards)
     except (FileNotFoundError, ValueError) as err:

@@ -129,12 +129,21 @@ def reduce_reports(
     Collective over ``groups``: every rank calls it, with an empty list where it has no reports
     (only the last pipeline stage has them; summing over (dp_cp, then pp) gives every rank the value).
     """
+    sums = report_sums(reports, groups)
+    return {k: (float(s[0] / s[1]) if float(s[1]) > 0 else float("nan")) for k, s in zip(REPORT_KEYS, sums)}
+
+
+def report_sums(
+    reports: Sequence[dict[str, torch.Tensor]], groups: Sequence[dist.ProcessGroup | None] = ()
+) -> torch.Tensor:
+    """float64 ``[len(REPORT_KEYS), 2]``: the ``[num, den]`` pairs summed like ``reduce_reports`` (the
+    'token loss' denominator is the number of loss tokens). Collective over ``groups``."""
     sums = torch.zeros(len(REPORT_KEYS), 2, dtype=torch.float64)
     for r in reports:
         sums += torch.stack([r[k].detach().to(torch.float64).cpu() for k in REPORT_KEYS])
     for group in groups:
         sums = all_reduce_sum(sums, group)
-    return {k: (float(s[0] / s[1]) if float(s[1]) > 0 else float("nan")) for k, s in zip(REPORT_KEYS, sums)}
+    return sums
 
 
 def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

@@ -1,8 +1,11 @@
 """``plot_loss(run_dir)``: the loss curve of a run as ``<run_dir>/loss.png``.
 
 matplotlib is not a dependency, so the chart is drawn with PIL (always installed): the per-step loss in
-light blue, its centred moving average in dark blue, labelled axes with round tick values. When
-matplotlib is installed it is used instead.
+light blue, its centred moving average in dark blue, labelled axes with round tick values. Lines that
+carry a ``stage`` (the demo's all-stages file) get a dashed grey line and the stage's name where each
+stage starts. Held-out evaluations (``eval`` events) are points, one colour per held-out set, at their
+``loss_sqrt`` (the training objective, the same quantity as the training loss). When matplotlib is installed
+it is used instead.
 """
 from __future__ import annotations
 
@@ -14,18 +17,43 @@ from pathlib import Path
 PLOT_FILE = "loss.png"
 
 
-def _load_points(run_dir: Path) -> list[tuple[int, float]]:
-    points = []
+STAGE_COLOUR = (128, 128, 128)
+EVAL_COLOURS = ((230, 85, 13), (49, 163, 84), (117, 107, 177), (214, 39, 40), (140, 86, 75))  # one per held-out set
+
+
+def eval_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Held-out set -> (step, loss_sqrt) of its evaluations with a finite loss, in file order."""
+    found: dict[str, list[tuple[int, float]]] = {}
     path = run_dir / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        loss = record.get("loss_sqrt")
+        if record.get("event") == "eval" and loss is not None and math.isfinite(loss):
+            found.setdefault(str(record["dataset"]), []).append((int(record["step"]), float(loss)))
+    return found
+
+
+def _load_points(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, str]]]:
+    """(step, loss) of the finite losses, and (first step, name) of each stage the lines name."""
+    points, starts = [], []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "event" in record:
+            continue
+        stage = record.get("stage")
+        if stage is not None and (not starts or starts[-1][1] != stage):
+            starts.append((int(record["step"]), str(stage)))
         loss = record.get("loss")
         if loss is not None and math.isfinite(loss):
             points.append((int(record["step"]), float(loss)))
-    return points
+    return points, starts
 
 
 def _smooth(values: list[float]) -> list[float]:
@@ -53,17 +81,19 @@ def plot_loss(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) 
     """Draw the loss of ``<run_dir>/metrics.jsonl``; returns the PNG path (a chart even with no points)."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / PLOT_FILE
-    points = _load_points(run_dir)
+    points, starts = _load_points(run_dir)
+    evals = eval_points(run_dir)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        _draw_with_pil(points, out, title=f"loss - {run_dir.name}")
+        _draw_with_pil(points, starts, out, title=f"loss - {run_dir.name}", evals=evals)
     else:
-        _draw_with_matplotlib(points, out, title=f"loss - {run_dir.name}")
+        _draw_with_matplotlib(points, starts, out, title=f"loss - {run_dir.name}", evals=evals)
     return out
 
 
-def _draw_with_matplotlib(points: list[tuple[int, float]], out: Path, title: str) -> None:
+def _draw_with_matplotlib(points: list[tuple[int, float]], starts: list[tuple[int, str]], out: Path,
+                          title: str, evals: dict[str, list[tuple[int, float]]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,6 +104,13 @@ def _draw_with_matplotlib(points: list[tuple[int, float]], out: Path, title: str
         steps, losses = zip(*points)
         ax.plot(steps, losses, color="#9ecae1", lw=1, label="loss")
         ax.plot(steps, _smooth(list(losses)), color="#08519c", lw=2, label="moving average")
+        for step, name in starts:
+            ax.axvline(step, color="#808080", ls="--", lw=1)
+            ax.annotate(name, (step, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", color="#808080")
+    for (name, found), colour in zip((evals or {}).items(), _cycle(EVAL_COLOURS)):
+        ax.scatter(*zip(*found), color="#%02x%02x%02x" % colour, s=25, zorder=3, label=f"eval {name}")
+    if points or evals:
         ax.legend()
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
@@ -81,7 +118,13 @@ def _draw_with_matplotlib(points: list[tuple[int, float]], out: Path, title: str
     plt.close(fig)
 
 
-def _draw_with_pil(points: list[tuple[int, float]], out: Path, title: str) -> None:
+def _cycle(colours):
+    while True:
+        yield from colours
+
+
+def _draw_with_pil(points: list[tuple[int, float]], starts: list[tuple[int, str]], out: Path, title: str,
+                   evals: dict[str, list[tuple[int, float]]] | None = None) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     width, height = 900, 500
@@ -91,9 +134,11 @@ def _draw_with_pil(points: list[tuple[int, float]], out: Path, title: str) -> No
     font = ImageFont.load_default()
     draw.text((width // 2 - 6 * len(title) // 2, 15), title, fill="black", font=font)
     x0, x1, y0, y1 = left, width - right, height - bottom, top  # y grows downwards
-    if points:
-        steps = [s for s, _ in points]
-        losses = [v for _, v in points]
+    evals = evals or {}
+    every_eval = [p for found in evals.values() for p in found]
+    if points or every_eval:
+        steps = [s for s, _ in points + every_eval]
+        losses = [v for _, v in points + every_eval]
         s_lo, s_hi = min(steps), max(max(steps), min(steps) + 1)
         l_lo, l_hi = min(losses), max(losses)
         pad = 0.05 * (l_hi - l_lo or 1.0)
@@ -112,14 +157,25 @@ def _draw_with_pil(points: list[tuple[int, float]], out: Path, title: str) -> No
                 x, _ = xy(tick, l_lo)
                 draw.line([(x, y0), (x, y0 + 5)], fill="black")
                 draw.text((x - 3 * len(str(int(tick))), y0 + 8), str(int(tick)), fill="black", font=font)
+        for step, name in starts:
+            x, _ = xy(step, l_lo)
+            for y in range(y1, y0, 8):  # dashed
+                draw.line([(x, y), (x, min(y + 4, y0))], fill=STAGE_COLOUR)
+            draw.text((x + 3, y1 + 2), name, fill=STAGE_COLOUR, font=font)
         raw = [xy(s, v) for s, v in points]
-        smooth = [xy(s, v) for s, v in zip(steps, _smooth(losses))]
+        smooth = [xy(s, v) for s, v in zip([s for s, _ in points], _smooth([v for _, v in points]))]
         if len(raw) > 1:
             draw.line(raw, fill="#9ecae1", width=1)
             draw.line(smooth, fill="#08519c", width=3)
-        else:
+        elif raw:
             x, y = raw[0]
             draw.ellipse([(x - 3, y - 3), (x + 3, y + 3)], fill="#08519c")
+        for k, ((name, found), colour) in enumerate(zip(evals.items(), _cycle(EVAL_COLOURS))):
+            for step, loss in found:
+                x, y = xy(step, loss)
+                draw.ellipse([(x - 4, y - 4), (x + 4, y + 4)], fill=colour)
+            draw.ellipse([(x0 + 10, y1 + 8 + 14 * k), (x0 + 18, y1 + 16 + 14 * k)], fill=colour)
+            draw.text((x0 + 24, y1 + 6 + 14 * k), f"eval {name}", fill="black", font=font)
         draw.line([(x1 - 190, 22), (x1 - 170, 22)], fill="#9ecae1", width=2)
         draw.text((x1 - 165, 16), "loss", fill="black", font=font)
         draw.line([(x1 - 120, 22), (x1 - 100, 22)], fill="#08519c", width=3)

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from qwen3vl.data.batch import IGNORE_INDEX
+from qwen3vl.parallel.micro_batch import MicroBatch
 from qwen3vl.train.loss import all_reduce_sum, make_loss_func, reduce_reports, step_normalizer
 
 # run_model(model_chunk, micro_batch) -> the model's output: per-token loss [T_local] on the last
 # pipeline stage, hidden states on the others.
-RunModel = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
+RunModel = Callable[[torch.nn.Module, MicroBatch], torch.Tensor]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,44 +50,30 @@ def train_step(
     model_chunks: Sequence[torch.nn.Module],
     optimizer,
     scheduler,
-    microbatches: Sequence[dict[str, Any]],
+    microbatches: Sequence[MicroBatch],
     run_model: RunModel,
     *,
     exponent: float,
-    seq_length: int,
 ) -> StepResult:
     """Forward, backward and (unless the loss is not finite) one optimizer update.
 
-    ``microbatches``: this rank's micro-batches of the step (CP-local tensors on the model's device),
-    each with ``labels`` and ``loss_token_counts``. ``seq_length``: their (CP-local) length, which the
-    pipeline schedules use to size the tensors sent between stages.
+    ``microbatches``: this rank's micro-batches of the step (CP-local tensors on the model's device), all
+    cut from rows of one length.
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
+    schedule_length(microbatches)  # before any collective: a bad step fails alike on every rank
     dp_cp_group, pp_group = _groups()
     normalizer = step_normalizer(
-        [(mb["labels"] != IGNORE_INDEX, mb["loss_token_counts"]) for mb in microbatches], exponent, group=dp_cp_group)
+        [(mb.loss_mask(), mb.loss_token_counts) for mb in microbatches], exponent, group=dp_cp_group)
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         output = run_model(model, mb)
-        return output, make_loss_func(mb["labels"] != IGNORE_INDEX, mb["loss_token_counts"], exponent,
-                                      normalizer.scale)
+        return output, make_loss_func(mb.loss_mask(), mb.loss_token_counts, exponent, normalizer.scale)
 
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    # Every model chunk (virtual stage) walks the same micro-batches.
-    iterators = [iter(list(microbatches)) for _ in model_chunks]
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
-        model=list(model_chunks),
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=1,
-        forward_only=False,
-    )
+    reports = run_schedule(model_chunks, microbatches, forward_step, forward_only=False)
     losses = reduce_reports(reports, groups=(dp_cp_group, pp_group))
     # NaN also when the step had no loss token at all (0/0): nothing to learn from, no update either.
     if not all(math.isfinite(v) for v in losses.values()):
@@ -102,6 +88,39 @@ def train_step(
                       grad_norm=None if grad_norm is None else float(grad_norm),
                       num_zeros=None if num_zeros is None else int(num_zeros),
                       learning_rate=current_lr(optimizer))
+
+
+def run_schedule(model_chunks: Sequence[torch.nn.Module], microbatches: Sequence[MicroBatch],
+                 forward_step: Callable, *, forward_only: bool, items: Sequence | None = None) -> list:
+    """megatron's forward/backward schedule over this rank's micro-batches; its loss reports (the last
+    pipeline stage's, an empty list elsewhere). The one call of the schedule: training (``forward_only=False``)
+    and evaluation (``qwen3vl.train.evaluate``, forward only) run the same one.
+
+    ``forward_step(data_iterator, model)`` draws from iterators over ``items`` (default: the micro-batches;
+    evaluation passes (micro-batch, counts) pairs), one iterator per model chunk (virtual stage)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    items = list(microbatches if items is None else items)
+    # Every model chunk (virtual stage) walks the same micro-batches.
+    iterators = [iter(list(items)) for _ in model_chunks]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+        model=list(model_chunks),
+        num_microbatches=len(items),
+        seq_length=schedule_length(microbatches),
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
+
+
+def schedule_length(microbatches: Sequence[MicroBatch]) -> int:
+    """The one ``seq_length`` of the schedule: every micro-batch must be cut from rows of one length."""
+    lengths = {mb.schedule_seq_length for mb in microbatches}
+    if len(lengths) != 1:
+        raise ValueError(f"the micro-batches of one step have packed rows of lengths {sorted(lengths)}: the "
+                         "pipeline schedules send tensors of one shape, so pack every row to train.seq_length")
+    return lengths.pop()
 
 
 def current_lr(optimizer) -> float | None:

@@ -6,7 +6,7 @@ import json
 
 from PIL import Image
 
-from qwen3vl.data.demo import COLOURS, POSITIONS, SHAPES, IMAGE_SIZE, split_combos, write_demo
+from qwen3vl.data.demo import COLOURS, POSITIONS, SHAPES, IMAGE_SIZE, Combo, parse_caption, split_combos, write_demo
 from qwen3vl.data.shards import expand_shards, read_shard
 
 
@@ -26,7 +26,9 @@ def test_demo_is_deterministic_and_seeded(tmp_path):
 
 def test_captions_state_what_the_picture_shows(tmp_path):
     manifest = write_demo(tmp_path, seed=3, captions=30, videos=2, interleaved=2, texts=2)
-    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+    saved = json.loads((tmp_path / "manifest.json").read_text())
+    assert saved["subsets"]["caption"]["pattern"] == "caption/caption-{000000..000000}.tar"  # relative
+    assert manifest["subsets"]["caption"]["pattern"] == str(tmp_path.resolve() / saved["subsets"]["caption"]["pattern"])
     for record in records(manifest["subsets"]["caption"]["pattern"]):
         words = record.meta["text"].rstrip(".").split()
         colour, shape = words[1], words[2]
@@ -59,3 +61,11 @@ def test_videos_show_the_shape_moving(tmp_path):
         assert len(frames) == 8 and record.meta["video"]["fps"] == 2.0
         assert frames[0].tobytes() != frames[-1].tobytes()
         assert "seconds" in record.meta["text"] and "moves from the" in record.meta["text"]
+
+
+def test_a_caption_is_read_for_its_first_colour_shape_and_position():
+    assert parse_caption("An orange circle in the top left.") == Combo("orange", "circle", "top left")
+    assert parse_caption("A blue square in the center. A red triangle in the top right.") == \
+        Combo("blue", "square", "center")
+    assert parse_caption("A in the bottom left. in the bottom left.") is None  # no colour, no shape
+    assert all(parse_caption(c.caption()) == c for c in split_combos(0)[1])

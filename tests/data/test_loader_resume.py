@@ -3,12 +3,14 @@
 A loader restored from ``state_dict()`` taken after k batches must yield exactly batches k+1... of
 the uninterrupted loader (tokens, labels, positions, pixels compared bitwise)."""
 import io
+from collections import Counter
 
 import pytest
 import torch
 
 from qwen3vl.data.demo import write_demo
 from qwen3vl.data.loader import LoaderConfig, build_loader
+from qwen3vl.data.shards import expand_shards, read_shard
 
 FIELDS = ("tokens", "labels", "position_ids", "mm_token_type_ids", "cu_seqlens", "cu_seqlens_padded",
           "sample_loss_tokens", "pixel_values", "grid_thw")
@@ -107,11 +109,45 @@ def test_ranks_and_workers_share_an_epoch_without_overlap(corpus, uninterrupted)
     assert split == single
 
 
-def test_changed_data_parallel_size_is_refused_unless_allowed(corpus):
+def corpus_records(cfg) -> Counter:
+    """Every (dataset, "<shard>:<key>") of the corpus, read straight from the shards."""
+    return Counter((d.name, f"{url}:{record.key}") for d in cfg.datasets for url in expand_shards(d.path)
+                   for record in read_shard(url))
+
+
+def trained(batches) -> Counter:
+    """(dataset, id, epoch) of every packed sample (chunks of one document count once: chunk 0)."""
+    return Counter((o.dataset, o.id, o.epoch) for b in batches for o in b.samples if o.chunk == 0)
+
+
+@pytest.mark.parametrize("hops", [[(2, 0, [3, 5]), (1, 0, None)],  # DP2 -> DP1
+                                  [(1, 0, [4]), (3, 0, [2, 1, 3]), (2, 0, None)],  # DP1 -> DP3 -> DP2
+                                  [(2, 0, [2, 6]), (1, 2, None)]],  # DP2 -> DP1 with two worker processes
+                         ids=["dp2-dp1", "dp1-dp3-dp2", "dp2-dp1-workers2"])
+def test_a_changed_layout_continues_with_every_sample_exactly_once(corpus, hops):
+    """Stop mid-epoch (each rank at its own position, samples in the packers' buffers), continue under
+    other data-parallel sizes and worker counts: over the whole run each sample of each of the two
+    epochs is trained on exactly once."""
+    cfg = config(corpus, num_epochs=2)
+    seen, states = Counter(), None
+    for dp_size, workers, steps in hops:
+        loaders = [run(cfg, state=states, dp_rank=r, dp_size=dp_size, num_workers=workers) for r in range(dp_size)]
+        for r, loader in enumerate(loaders):
+            batches = list(loader) if steps is None else [next(loader) for _ in range(steps[r])]
+            seen += trained(batches)
+        states = [loader.state_dict() for loader in loaders]
+        for loader in loaders:
+            loader.close()
+    records = corpus_records(cfg)
+    assert set(records.values()) == {1}
+    expected = Counter({(name, key, epoch): 1 for name, key in records for epoch in (0, 1)})
+    assert seen == expected, (sorted((seen - expected).items())[:5], sorted((expected - seen).items())[:5])
+
+
+def test_states_of_only_some_ranks_cannot_change_the_layout(corpus):
     cfg = config(corpus, num_epochs=None)
     state = run(cfg, skip=3, dp_rank=0, dp_size=2).state_dict()
-    with pytest.raises(ValueError, match=r"saved with \{'dp_size': 2, 'num_workers': 0\}.*allow_layout_change"):
+    with pytest.raises(ValueError, match=r"saved with \{'dp_size': 2, 'num_workers': 0\}.*every one of the 2"):
         run(cfg, state=state)
-    loader = build_loader(cfg, SEQ, pad_multiple=2, seed=7)
-    loader.load_state_dict(state, allow_layout_change=True)
-    assert next(loader).seq_length == SEQ
+    with pytest.raises(ValueError, match="version"):
+        run(cfg, state={**state, "version": 1})

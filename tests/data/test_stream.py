@@ -1,10 +1,11 @@
 """Rank × worker assignment (no duplicate, no gap), seeded shuffling, epochs and exact stream state."""
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from qwen3vl.data.shards import ShardWriter, expand_shards
-from qwen3vl.data.stream import Consumer, ShardStream
+from qwen3vl.data.stream import Consumer, ShardStream, WorkItem
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +67,31 @@ def test_empty_assignment_is_an_error(tmp_path):
     stream = ShardStream(expand_shards(str(tmp_path)), Consumer(1, 2), seed=0)
     with pytest.raises(RuntimeError, match="got no sample"):
         next(stream)
+
+
+def shard_and_record(key: str) -> tuple[int, int]:
+    i = int(key[1:])  # written in order, 7 to a shard
+    return i // 7, i % 7
+
+
+@pytest.mark.parametrize("consumer", [Consumer(1, 3), Consumer(5, 12)])  # by shard, one item over all shards
+def test_positions_map_back_to_their_shard_and_record(urls, consumer):
+    """What re-partitioning relies on: ``locate`` and ``consumed`` say exactly which records were emitted,
+    mid-block, across an epoch boundary and for a plan that excludes records already consumed."""
+    make = lambda: ShardStream(urls, consumer, seed=3, shuffle_buffer=4, num_epochs=3)
+    stream = make()
+    emitted = [(p, shard_and_record(r.key)) for p, r in (next(stream) for _ in range(9))]
+    assert [(p.epoch, *where) for p, where in emitted] == stream.locate([p for p, _ in emitted])
+    for epoch in (0, 1):
+        got = {(u, int(i)) for u, records in stream.consumed(epoch).items() for i in records}
+        assert got == {where for p, where in emitted if p.epoch == epoch}
+    # A plan that excludes some records of every shard emits exactly the others.
+    excluded = {u: np.array([0, 3], dtype=np.int64) for u in range(len(urls))}
+    planned = make()
+    planned.plans = {0: [WorkItem((u,), excludes=(excluded[u],)) for u in (2, 5)]}
+    out = []
+    for p, r in planned:
+        if p.epoch != 0:
+            break
+        out.append(shard_and_record(r.key))
+    assert sorted(out) == sorted((u, i) for u in (2, 5) for i in range(7) if i not in (0, 3))

@@ -3,7 +3,7 @@ import unicodedata
 
 import pytest
 
-from qwen3vl.data.hf_reference import hf_tokenizer_dir
+from qwen3vl_testing.hf_processing import hf_tokenizer_dir
 from qwen3vl.data.tokenizer import ADDED_TOKENS, HFTokenizer, load_tokenizer
 
 CORPUS = [

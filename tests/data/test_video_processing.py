@@ -29,7 +29,7 @@ def test_frame_sampling_matches_transformers(total, fps):
 
 
 def test_timestamps_match_transformers_and_the_spec_example():
-    # 10 s at 30 fps sampled at 2 fps (spec §5): <0.3 seconds>, <1.3 seconds>, <2.4 seconds> ...
+    # 10 s at 30 fps sampled at 2 fps (transformers' Qwen3-VL video processor): <0.3 seconds>, <1.3 seconds>, <2.4 seconds> ...
     indices = sample_frame_indices(300, 30.0)
     times = group_timestamps([i / 30.0 for i in pad_to_multiple(indices)])
     reference = Qwen3VLProcessor._calculate_timestamps(None, list(indices), 30.0, 2)

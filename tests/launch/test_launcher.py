@@ -1,18 +1,22 @@
 """qwen3vl-launch: the torchrun command it builds, validation before any rank starts, exit codes, and the
-public demo command end to end (run, then the same command with more steps resumes)."""
+public demo command end to end (run, then the same command with more steps continues exactly, a quiet
+console, wandb offline recording every step)."""
 from __future__ import annotations
 
-import json
+import os
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch.distributed as dist
 
+from qwen3vl_testing import wandb_offline
+from qwen3vl_testing.reference_run import S0_STAGE, S0_STEPS, trace
 from qwen3vl.launch import launcher
 from qwen3vl.train.config import parse_app_argv
+from qwen3vl.train.metrics import read_metrics
 
 DEMO = ["model=tiny", "data=demo"]
 
@@ -25,7 +29,7 @@ def _dry_run(capsys, argv: list[str]) -> list[str]:
 def test_single_node_command(capsys, tmp_path):
     cmd = _dry_run(capsys, ["--nproc", "2", "--recipe", "stage0_align", "--dry-run", "--",
                             *DEMO, "run_dir=rel/run", "train.steps=4", "train.save_interval=2"])
-    assert cmd[:6] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    assert cmd[:6] == [sys.executable, "-m", "qwen3vl.launch.elastic", "--nproc_per_node", "2", "--standalone"]
     app = cmd[cmd.index("qwen3vl.train.app") + 1:]
     recipe, overrides = parse_app_argv(app)
     assert recipe == "stage0_align"
@@ -65,27 +69,63 @@ def test_bad_config_fails_before_any_rank_starts(capsys, monkeypatch):
 def test_exit_code_and_cpu_threads():
     env = launcher.rank_environment(2, cuda=False)
     assert int(env["OMP_NUM_THREADS"]) >= 1
+    assert env["CUDA_VISIBLE_DEVICES"] == ""  # a CPU run's ranks never see a GPU
     assert launcher.run([sys.executable, "-c", "import sys; sys.exit(3)"], env) == 3
 
 
-def _launch(run_dir: Path, demo_dir: Path, steps: int) -> subprocess.CompletedProcess:
+def _launch(run_dir: Path, demo_dir: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "qwen3vl.launch.launcher", "--nproc", "2", "--recipe", "stage0_align", "--",
-           *DEMO, f"run_dir={run_dir}", f"train.steps={steps}", "train.save_interval=1",
-           f"data.demo_dir={demo_dir}", "wandb.mode=disabled", "train.global_batch_tokens=2048"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+           *S0_STAGE, f"run_dir={run_dir}", f"data.demo_dir={demo_dir}", *extra]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # wandb's default: offline
+    env["OMP_NUM_THREADS"] = "1"  # as the reference's ranks
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
 
 
-def test_public_demo_command_runs_and_resumes(tmp_path):
-    """The README form on 2 CPU ranks; the same command with more steps continues the run."""
-    if not (Path(launcher.__file__).parent.parent / "train" / "app.py").is_file():
-        pytest.fail("qwen3vl.train.app is missing")
-    run_dir, demo_dir = tmp_path / "run", tmp_path / "demo"
-    first = _launch(run_dir, demo_dir, steps=1)
+def _noise(output: str) -> list[str]:
+    """Console lines besides the launcher's banner, the progress and evaluation lines, rank 0's own log lines
+    (e.g. "resumed ... at step 3") and its final line: warnings and anything else a user did not ask for."""
+    expected = ("qwen3vl-launch: ", "  " + sys.executable, "stage0_align step ", "stage0_align eval step ",
+                "[qwen3vl-train] ")
+    return [line for line in output.splitlines()
+            if not line.startswith(expected) and not re.match(r"\S+ \S+ qwen3vl\.[\w.]+: ", line)]
+
+
+def test_same_command_with_more_steps_continues_exactly_and_wandb_records_it(tmp_path, demo_dir, s0_reference):
+    """The README form on 2 CPU ranks: train.steps=3 of a 6-step stage, then the same command with
+    train.steps=6 equals the straight run (warmup 2 and cosine decay, so a schedule tied to the stop would
+    show); wandb, offline by default, holds every metrics.jsonl field at its step, in one run id."""
+    run_dir = tmp_path / "run"
+    first = _launch(run_dir, demo_dir, "train.steps=3")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = _launch(run_dir, demo_dir, steps=2)
+    noise = _noise(first.stdout + first.stderr)
+    assert len(noise) <= 5, "\n".join(noise)  # a demo stage: at most 5 warning lines
+    assert "stage0_align step 3/3 of 6 (100%)" in first.stdout
+    second = _launch(run_dir, demo_dir, "train.steps=6")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2]  # step 1 was not trained again
-    assert lines[1]["tokens_total"] == lines[0]["tokens"] + lines[1]["tokens"]
-    assert "resumed" in second.stderr + second.stdout
-    assert (run_dir / "loss.png").is_file() and (demo_dir / "manifest.json").is_file()
+    assert "resumed" in second.stderr + second.stdout and len(_noise(second.stdout + second.stderr)) <= 5
+
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, S0_STEPS + 1))  # steps 1-3 were not trained again
+    assert trace(records) == s0_reference
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] < lrs[1] and lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0  # warmup, then decay
+    assert records[3]["tokens_total"] == sum(r["tokens"] for r in records[:4])
+    assert [(r["backend"], r["device"]) for r in records if "backend" in r] == [("gloo", "cpu")] * 2  # each run says where
+    assert all(r["peak_memory_bytes"] > 2 ** 20 and r["data_wait_s"] >= 0 for r in records)
+    assert (run_dir / "loss.png").is_file()
+
+    runs = wandb_offline.offline_runs(run_dir)
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert [wandb_offline.run_id(r) for r in runs] == [run_id, run_id]  # one wandb run, resumed
+    logged = {step: row for r in runs for step, row in wandb_offline.history(r).items()}
+    # Step 0: the demo's held-out evaluation before the first step (eval.at_start), a row of its own.
+    assert sorted(logged) == [0] + [r["step"] for r in records]
+    assert "eval/heldout/loss_sqrt" in logged[0] and "eval/heldout/loss_sqrt" in logged[S0_STEPS]  # and at the end
+    for r in records:
+        row = logged[r["step"]]
+        metrics = wandb_offline.flatten({k: v for k, v in r.items() if k != "datasets"})  # datasets: the config's
+        assert {k: row.get(k, "missing") for k in metrics} == metrics
+    last = wandb_offline.summary(runs[-1])
+    assert last["run_id"] == run_id and last["summary"]["loss"] == records[-1]["loss"]
+    assert last["config"]["datasets"] == records[S0_STEPS // 2]["datasets"]  # the resumed run's first line
+    assert last["summary"]["_step"] == S0_STEPS

@@ -1,8 +1,10 @@
-"""The generated sbatch script: its #SBATCH lines, the rendezvous, quoting of overrides, and the
-preemption protocol (USR1 -> ranks checkpoint and exit 0 -> requeue) run against fake Slurm commands."""
+"""The generated sbatch script: its #SBATCH lines, the rendezvous, quoting of overrides, CPU jobs, and the
+preemption protocol (USR1 -> ranks checkpoint and exit 0 -> requeue), against fake Slurm commands and
+against a real one-node Slurm on localhost (skipped where Slurm is not installed)."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -12,9 +14,12 @@ import time
 
 import pytest
 
+from qwen3vl_testing import slurm_cluster
+from qwen3vl_testing.reference_run import S0_STAGE, S0_STEPS, trace
 from qwen3vl.launch import launcher
 from qwen3vl.launch.slurm import SlurmJob, node_command, sbatch_script
 from qwen3vl.train.config import parse_app_argv
+from qwen3vl.train.metrics import read_metrics
 
 OVERRIDES = ["model=tiny", "data.root=/data/with space", "wandb.tags=[a,b]", "run_dir=/runs/s2"]
 
@@ -110,7 +115,77 @@ def test_preemption_forwards_usr1_then_requeues(tmp_path):
     assert log.read_text().splitlines() == ["scancel --signal=USR1 4242.0", "rank saved a checkpoint",
                                             "requeue 4242"]
     argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv[:9] == ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "4", "--rdzv_id", "4242",
+    assert argv[:9] == ["-m", "qwen3vl.launch.elastic", "--nnodes", "2", "--nproc_per_node", "4", "--rdzv_id", "4242",
                         "--rdzv_backend"]
     assert "node-a:" + str(20000 + 4242 % 20000) in argv
     assert parse_app_argv(argv[argv.index("qwen3vl.train.app") + 1:]) == ("stage2_32k", OVERRIDES)
+
+
+def test_a_cpu_job_requests_no_gpu_and_runs_nproc_gloo_ranks_per_node(capsys):
+    argv = ["--slurm", "--nodes", "2", "--nproc", "3", "--gpus-per-node", "0", "--recipe", "stage0_align",
+            "--dry-run", "--", "model=tiny", "data=demo", "run_dir=/runs/cpu", "train.global_batch_tokens=6144"]
+    assert launcher.main(argv) == 0  # validated for 2 nodes x 3 ranks
+    script = capsys.readouterr().out
+    assert not [line for line in script.splitlines() if line.startswith("#SBATCH --gpus")]
+    assert "#SBATCH --nodes=2" in script.splitlines()
+    assert "--nproc_per_node 3" in script and 'export CUDA_VISIBLE_DEVICES=""' in script
+    assert "train.device=cpu" in script  # auto in a job without GPUs
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    argv[-1] = "train.global_batch_tokens=4096"  # 4 rows do not split over 6 ranks: checked for the whole job
+    assert launcher.main(argv) == launcher.CONFIG_ERROR_EXIT
+    assert "not divisible by dp·train.micro_batch_rows = 6·1" in capsys.readouterr().err
+
+
+SLURM_MISSING = slurm_cluster.available()
+
+
+@pytest.mark.skipif(SLURM_MISSING is not None and not slurm_cluster.required(), reason=str(SLURM_MISSING))
+@pytest.mark.timeout(900)  # generous for a loaded machine; ~1 minute on a quiet 2-core one
+def test_a_preempted_job_is_requeued_and_ends_like_an_uninterrupted_run(tmp_path, demo_dir, s0_reference):
+    """A one-node Slurm on localhost runs the tiny S0 as a CPU job; the preemption notice (USR1 to the
+    batch shell, as Slurm sends it before a time limit or a preemption) makes the ranks checkpoint and the
+    script requeue the job, which resumes and ends with the uninterrupted run's losses, each step once."""
+    assert SLURM_MISSING is None, f"QWEN3VL_REQUIRE_SLURM=1, but {SLURM_MISSING}"
+    run_dir = tmp_path / "run"
+    with slurm_cluster.slurm(tmp_path / "slurm") as env:
+        env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled")  # one thread per rank, as the reference
+        submitted = subprocess.run(
+            [sys.executable, "-m", "qwen3vl.launch.launcher", "--slurm", "--nodes", "1", "--nproc", "2",
+             "--gpus-per-node", "0", "--recipe", "stage0_align", "--", *S0_STAGE, f"run_dir={run_dir}",
+             f"data.demo_dir={demo_dir}"], env=env, capture_output=True, text=True, timeout=120)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        job = re.search(r"^Submitted batch job (\d+)$", submitted.stdout, re.M).group(1)
+
+        def job_log() -> str:
+            return "".join(p.read_text() for p in (run_dir / "slurm").glob("*.out"))
+
+        def wait(ready, what: str, timeout_s: float = 300.0) -> None:
+            deadline = time.monotonic() + timeout_s
+            while not ready():
+                state = slurm_cluster.job_state(env, job)
+                assert state.get("JobState") not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), job_log()
+                assert time.monotonic() < deadline, f"{what}: job {state}\n{job_log()[-3000:]}"
+                time.sleep(0.2)
+
+        hurried = []
+
+        def completed_after_requeue() -> bool:
+            state = slurm_cluster.job_state(env, job)
+            if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime" and not hurried:
+                # Slurm holds a requeued job for two minutes (its credential lifetime) before it may start
+                # again; start it in 3 s instead. Not `now`: slurmd compares the new credential's time with
+                # the old one's revocation in whole seconds, and refuses one of the same second.
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], env=env, check=True)
+                hurried.append(True)
+            return state.get("JobState") == "COMPLETED" and state.get("Restarts") == "1"
+
+        wait(lambda: len(read_metrics(run_dir)) >= 2, "the first steps")
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+        wait(completed_after_requeue, "the requeued job")
+    log = job_log()
+    assert "preemption notice" in log and log.count("job " + job + ": 1 nodes") == 2, log[-3000:]
+    assert "Traceback" not in log and "died unexpectedly" not in log, log[-3000:]  # the step-wide USR1 spared the helpers
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, S0_STEPS + 1))  # each step logged once
+    assert trace(records) == s0_reference
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"iter_{S0_STEPS:07d}"

@@ -5,8 +5,8 @@ from dataclasses import replace
 
 import pytest
 
-from qwen3vl.model.config import ConfigError
-from qwen3vl.model.hf_config import config_from_hf, config_to_hf
+from qwen3vl.model.config import ModelConfigError
+from qwen3vl.model.interop.hf_config import config_from_hf, config_to_hf
 from qwen3vl.model.presets import PRESET_NAMES, get_preset
 
 RELEASED = ("2B", "4B", "8B", "32B", "30B-A3B", "235B-A22B")
@@ -24,7 +24,7 @@ def test_unknown_preset_lists_the_known_ones():
 @pytest.mark.parametrize("name", RELEASED)
 def test_released_numbers(name):
     config = get_preset(name)
-    # Shared by every release (spec §7).
+    # Shared by every release (their config.json files).
     assert (config.text.vocab_size, config.text.head_dim, config.text.rope_theta) == (151936, 128, 5e6)
     assert config.text.mrope_section == (24, 20, 20)
     assert config.vision.out_hidden_size == config.text.hidden_size
@@ -88,7 +88,7 @@ def test_top_level_tie_flag_wins():
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda c: replace(c, text=replace(c.text, mrope_section=(6, 5, 4))), "mrope_section"),
+    (lambda c: replace(c, text=replace(c.text, mrope_section=(6, -5, 4))), "mrope_section"),
     (lambda c: replace(c, text=replace(c.text, num_key_value_heads=3)), "num_key_value_heads"),
     (lambda c: replace(c, vision=replace(c.vision, deepstack_visual_indexes=(0, 9))), "deepstack_visual_indexes"),
     (lambda c: replace(c, vision=replace(c.vision, out_hidden_size=32)), "out_hidden_size"),
@@ -98,7 +98,7 @@ def test_top_level_tie_flag_wins():
     (lambda c: replace(c, image_token_id=10**6), "vocab_size"),
 ])
 def test_validation_says_what_to_change(change, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ModelConfigError, match=message):
         change(get_preset("tiny")).validate()
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed
 
 LOGIT_TOL = 1e-5
 
@@ -25,7 +25,7 @@ def _cp_model_body(preset: str = "tiny", tp: int = 1, **overrides) -> dict:
 
     from qwen3vl.model.build import build_model_chunks
     from qwen3vl.model.presets import get_preset
-    from qwen3vl.model.testing import make_case, pack_samples, stage_forward
+    from qwen3vl_testing.model_cases import make_case, pack_samples, stage_forward
     from qwen3vl.parallel.context_parallel import model_inputs, split_media_by_cost
     from qwen3vl.parallel.groups import destroy_parallel, initialize_parallel
     from qwen3vl.parallel.layout import ParallelLayout
@@ -59,7 +59,7 @@ def _cp_model_body(preset: str = "tiny", tp: int = 1, **overrides) -> dict:
     model.load_state_dict(weights)
     inputs = model_inputs(batch, cp_rank=cp_rank, cp_size=2)
     logits, loss, grads = forward_backward(model, inputs)
-    rows = inputs["gather_index"]
+    rows = inputs.gather_index
     grad_errors = {}
     for name, grad in grads.items():
         dist.all_reduce(grad, group=parallel_state.get_context_parallel_group())
@@ -67,8 +67,8 @@ def _cp_model_body(preset: str = "tiny", tp: int = 1, **overrides) -> dict:
     return {
         "logits": float((logits - ref_logits[rows]).abs().max()),
         "loss": float((loss - ref_loss[rows]).abs().max()),
-        "local_loss_tokens": int((inputs["labels"] != -100).sum()),
-        "local_visual_tokens": int((inputs["visual_index"] >= 0).sum()),
+        "local_loss_tokens": int((inputs.labels != -100).sum()),
+        "local_visual_tokens": int((inputs.visual_index >= 0).sum()),
         "media_units": len(split_media_by_cost(batch.grid_thw, 2).units_of(cp_rank)),
         "grads": grad_errors,
     }

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed
 
 
 def _aux_loss_body() -> dict:
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     from qwen3vl.model.build import build_model_chunks
-    from qwen3vl.model.hf_reference import build_hf_model
-    from qwen3vl.model.hf_weights import hf_to_mcore_state_dict
+    from qwen3vl.model.interop.hf_reference import build_hf_model
+    from qwen3vl.model.interop.hf_weights import hf_to_mcore_state_dict
     from qwen3vl.model.presets import get_preset
-    from qwen3vl.model.state_dict_sharding import load_full_state_dict
-    from qwen3vl.model.testing import make_case, pack_samples
+    from qwen3vl.model.interop.state_dict_sharding import load_full_state_dict
+    from qwen3vl_testing.model_cases import make_case, pack_samples
     from qwen3vl.parallel.context_parallel import model_inputs
     from qwen3vl.parallel.groups import initialize_parallel
     from qwen3vl.parallel.layout import ParallelLayout
@@ -37,7 +37,7 @@ def _aux_loss_body() -> dict:
             layer.mlp.router.register_forward_hook(
                 lambda module, args, out, n=layer.layer_number: routed.__setitem__(n, args[0].detach()))
         get_moe_layer_wise_logging_tracker().clear()
-        model(**model_inputs(batch)).sum().backward()
+        model(**model_inputs(batch).model_kwargs()).sum().backward()
         router_grads[coefficient] = torch.stack([l.mlp.router.weight.grad for l in model.decoder.layers])
         if coefficient:
             result["coefficient"] = model.config.moe_aux_loss_coeff

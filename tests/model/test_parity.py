@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed
 
 LOGIT_TOL = 1e-4
 # Gradients differ in scale by orders of magnitude between parameters: compare relative to the largest entry
@@ -32,10 +32,10 @@ MOE_GRAD_KEYS = ("model.language_model.layers.1.mlp.experts.gate_up_proj",
 
 def _parity_body(preset: str, recompute: bool = False) -> dict:
     from qwen3vl.model.build import build_model_chunks
-    from qwen3vl.model.hf_reference import build_hf_model
-    from qwen3vl.model.hf_weights import hf_to_mcore_state_dict, mcore_to_hf_state_dict
-    from qwen3vl.model.state_dict_sharding import load_full_state_dict
-    from qwen3vl.model.testing import (hf_forward, hf_token_loss, make_case, named_config, pack_samples,
+    from qwen3vl.model.interop.hf_reference import build_hf_model
+    from qwen3vl.model.interop.hf_weights import hf_to_mcore_state_dict, mcore_to_hf_state_dict
+    from qwen3vl.model.interop.state_dict_sharding import load_full_state_dict
+    from qwen3vl_testing.model_cases import (hf_forward, hf_token_loss, make_case, named_config, pack_samples,
                                        real_positions, stage_forward)
     from qwen3vl.parallel.context_parallel import model_inputs
     from qwen3vl.parallel.groups import initialize_parallel

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed
 
 LOGIT_TOL = 1e-4
 GRAD_REL_TOL = 1e-5
@@ -25,11 +25,11 @@ def _parallel_body(preset: str, tp: int, pp: int, ep: int, pipeline_layers=None,
     from megatron.core import parallel_state
 
     from qwen3vl.model.build import build_model_chunks
-    from qwen3vl.model.hf_reference import build_hf_model
-    from qwen3vl.model.hf_weights import hf_to_mcore_state_dict
+    from qwen3vl.model.interop.hf_reference import build_hf_model
+    from qwen3vl.model.interop.hf_weights import hf_to_mcore_state_dict
     from qwen3vl.model.presets import get_preset
-    from qwen3vl.model.state_dict_sharding import load_full_state_dict, shard_full_state_dict
-    from qwen3vl.model.testing import hf_forward, hf_token_loss, make_case, pack_samples, stage_forward
+    from qwen3vl.model.interop.state_dict_sharding import load_full_state_dict, shard_full_state_dict
+    from qwen3vl_testing.model_cases import hf_forward, hf_token_loss, make_case, pack_samples, stage_forward
     from qwen3vl.parallel.context_parallel import model_inputs
     from qwen3vl.parallel.groups import initialize_parallel
     from qwen3vl.parallel.layout import ParallelLayout
@@ -63,7 +63,7 @@ def _parallel_body(preset: str, tp: int, pp: int, ep: int, pipeline_layers=None,
     inputs = model_inputs(batch)
 
     def forward_step(data_iterator, chunk):
-        output = chunk(**next(data_iterator))
+        output = chunk(**next(data_iterator).model_kwargs())
         return output, lambda loss: (loss.sum(), {"loss": loss.sum().detach()})
 
     # The interleaved schedule needs a multiple of pp micro-batches: the same row, twice.
@@ -71,7 +71,7 @@ def _parallel_body(preset: str, tp: int, pp: int, ep: int, pipeline_layers=None,
     iterators = [iter([inputs] * micro_batches) for _ in chunks]
     losses = forward_backward_func(layout)(
         forward_step_func=forward_step, data_iterator=iterators if vpp else iterators[0], model=chunks,
-        num_microbatches=micro_batches, seq_length=batch.seq_length, micro_batch_size=1)
+        num_microbatches=micro_batches, seq_length=inputs.schedule_seq_length, micro_batch_size=1)
     ref_loss = sum(hf_token_loss(hf_forward(hf, s).logits[0], s).sum() for s in samples)
     ref_loss.backward()
     result["losses"] = [(float(r["loss"]), float(ref_loss)) for r in losses]

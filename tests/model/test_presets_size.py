@@ -7,14 +7,15 @@ from __future__ import annotations
 import pytest
 
 from qwen3vl.model.presets import PRESET_NAMES
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed
 
 
 def _count_parameters() -> dict:
     import torch
 
     from qwen3vl.model.build import build_model_chunks
-    from qwen3vl.model.hf_reference import hf_config_object, hf_model_class
+    from qwen3vl.model.interop.hf_config import config_to_hf
+    from qwen3vl.model.interop.transformers_models import transformers_config_and_class
     from qwen3vl.model.presets import get_preset
     from qwen3vl.parallel.groups import initialize_parallel
     from qwen3vl.parallel.layout import ParallelLayout
@@ -24,8 +25,9 @@ def _count_parameters() -> dict:
     for name in PRESET_NAMES:
         config = get_preset(name)
         with torch.device("meta"):
-            [ours] = build_model_chunks(config, perform_initialization=False)
-            theirs = hf_model_class(config)(hf_config_object(config))
+            [ours] = build_model_chunks(config, perform_initialization=False, device="meta")
+            hf_config, model_class = transformers_config_and_class(config_to_hf(config, style="v5"))
+            theirs = model_class(hf_config)
         # parameters() counts a tied weight once, in both models.
         counts[name] = (sum(p.numel() for p in ours.parameters()), sum(p.numel() for p in theirs.parameters()))
     return counts

@@ -6,7 +6,7 @@ record with their local shape as replicated tensors, so a TP2 checkpoint would n
 """
 from __future__ import annotations
 
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed
 
 
 def vision_shards_at_tp2() -> dict:

@@ -8,7 +8,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from qwen3vl.data.batch import IGNORE_INDEX, IMAGE, PackedBatch
-from qwen3vl.model.attention import PackedCoreAttention, build_packed_seq_params
+from qwen3vl.model.attention import PackedCoreAttention
+from qwen3vl.parallel.micro_batch import build_packed_seq_params
 from qwen3vl.parallel.context_parallel import model_inputs, zigzag_index
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
@@ -65,32 +66,32 @@ def test_zigzag_index_rejects_unaligned_segments():
 def test_model_inputs_cp1_is_the_whole_row():
     batch = tiny_batch()
     inputs = model_inputs(batch)
-    assert torch.equal(inputs["input_ids"], batch.tokens) and torch.equal(inputs["labels"], batch.labels)
-    assert torch.equal(inputs["position_ids"], batch.position_ids)
-    assert torch.equal(inputs["gather_index"], torch.arange(batch.seq_length))
-    assert torch.equal(inputs["loss_token_counts"], batch.token_sample_loss_tokens())
+    assert torch.equal(inputs.input_ids, batch.tokens) and torch.equal(inputs.labels, batch.labels)
+    assert torch.equal(inputs.position_ids, batch.position_ids)
+    assert torch.equal(inputs.gather_index, torch.arange(batch.seq_length))
+    assert torch.equal(inputs.loss_token_counts, batch.token_sample_loss_tokens())
     expected_visual = torch.full((batch.seq_length,), -1)
     expected_visual[[9, 10]] = torch.tensor([0, 1])
-    assert torch.equal(inputs["visual_index"], expected_visual)
-    assert inputs["packed_seq_params"].cu_seqlens_q_padded.tolist() == batch.cu_seqlens_padded.tolist()
-    assert inputs["pixel_values"] is batch.pixel_values and inputs["grid_thw"] is batch.grid_thw
+    assert torch.equal(inputs.visual_index, expected_visual)
+    assert inputs.packed_seq_params.cu_seqlens_q_padded.tolist() == batch.cu_seqlens_padded.tolist()
+    assert inputs.pixel_values is batch.pixel_values and inputs.grid_thw is batch.grid_thw
 
 
 def test_model_inputs_cp2_cuts_every_field_with_one_index():
     batch = tiny_batch()
     shards = [model_inputs(batch, cp_rank=r, cp_size=2) for r in range(2)]
-    index = torch.cat([s["gather_index"] for s in shards])
+    index = torch.cat([s.gather_index for s in shards])
     assert torch.equal(index.sort().values, torch.arange(batch.seq_length))
-    full_visual = model_inputs(batch)["visual_index"]
+    full_visual = model_inputs(batch).visual_index
     for shard in shards:
-        i = shard["gather_index"]
-        assert torch.equal(shard["input_ids"], batch.tokens[i])
-        assert torch.equal(shard["labels"], batch.labels[i])
-        assert torch.equal(shard["position_ids"], batch.position_ids[:, i])
-        assert torch.equal(shard["loss_token_counts"], batch.token_sample_loss_tokens()[i])
-        assert torch.equal(shard["visual_index"], full_visual[i])
+        i = shard.gather_index
+        assert torch.equal(shard.input_ids, batch.tokens[i])
+        assert torch.equal(shard.labels, batch.labels[i])
+        assert torch.equal(shard.position_ids, batch.position_ids[:, i])
+        assert torch.equal(shard.loss_token_counts, batch.token_sample_loss_tokens()[i])
+        assert torch.equal(shard.visual_index, full_visual[i])
         # Global cu_seqlens, as transformer-engine expects under CP.
-        assert shard["packed_seq_params"].cu_seqlens_q.tolist() == batch.cu_seqlens.tolist()
+        assert shard.packed_seq_params.cu_seqlens_q.tolist() == batch.cu_seqlens.tolist()
 
 
 # --- CP=2 attention, run on 2 gloo ranks ------------------------------------------------------------
@@ -131,7 +132,7 @@ def cp_attention_rank(mask_type_name: str, real, padded):
 
 @pytest.mark.parametrize("mask_type", ["causal", "no_mask"])
 def test_cp2_attention_matches_cp1(mask_type):
-    from qwen3vl.parallel.testing import run_distributed
+    from qwen3vl_testing.distributed import run_distributed
 
     # Segments of different lengths; real lengths ending inside the first chunk, the second chunk, and
     # exactly at a chunk boundary; an all-padding tail.

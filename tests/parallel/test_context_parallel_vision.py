@@ -73,7 +73,7 @@ def vision_rank(grid):
     [[1, 4, 4]],  # one image: rank 1 encodes nothing but joins every collective
 ])
 def test_encode_vision_across_cp_matches_one_rank(grid):
-    from qwen3vl.parallel.testing import run_distributed
+    from qwen3vl_testing.distributed import run_distributed
 
     results = run_distributed(vision_rank, world_size=2, grid=grid)
     for embedding_diff, _, _, _ in results:

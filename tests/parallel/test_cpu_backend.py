@@ -3,7 +3,7 @@ import subprocess
 import sys
 import textwrap
 
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed
 
 # Runs in a fresh interpreter: the pytest process may already have the backend enabled.
 _FRESH_PROCESS_CHECK = textwrap.dedent("""

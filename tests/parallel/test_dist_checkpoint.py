@@ -1,11 +1,11 @@
 """A megatron dist checkpoint written under TP2 (and under PP2) loads under TP1 with equal weights."""
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed
 
 
 def save_sharded_then_load_unsharded(directory, saving_layouts):
     import torch
 
-    from qwen3vl.parallel import tiny_gpt
+    from qwen3vl_testing import tiny_gpt
     from qwen3vl.parallel.groups import destroy_parallel, initialize_parallel
     from qwen3vl.parallel.layout import ParallelLayout
 

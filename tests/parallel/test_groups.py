@@ -1,5 +1,5 @@
 """initialize_parallel builds megatron's process groups with the expected members (real gloo ranks)."""
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed
 
 
 def group_members(layouts):
@@ -56,3 +56,53 @@ def test_four_rank_layouts():
                                    dp=singles, dp_cp=singles, expert_dp=singles)
         assert dp2_tp2 == expected(rank, tp=[[0, 1], [2, 3]], pp=singles, cp=singles, ep=singles,
                                    dp=[[0, 2], [1, 3]], dp_cp=[[0, 2], [1, 3]], expert_dp=[[0, 2], [1, 3]])
+
+
+# --- which device a process computes on (train.device) ------------------------------------------------------
+
+def _no_gpu(monkeypatch, machine_has_gpus: bool, visible=None):
+    import torch
+
+    from qwen3vl.parallel import groups
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(groups, "machine_has_nvidia_gpus", lambda: machine_has_gpus)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    return groups.resolve_device
+
+
+def test_a_machine_without_gpus_trains_on_the_cpu(monkeypatch):
+    import pytest
+
+    resolve = _no_gpu(monkeypatch, machine_has_gpus=False)
+    assert resolve("auto").type == "cpu" and resolve("cpu").type == "cpu"
+    with pytest.raises(RuntimeError, match="train.device=cuda but torch cannot use a GPU.*train.device=cpu"):
+        resolve("cuda")
+    with pytest.raises(ValueError, match="choose one of auto, cuda, cpu"):
+        resolve("gpu")
+
+
+def test_gpus_that_torch_cannot_use_are_an_error_not_a_cpu_run(monkeypatch):
+    import pytest
+
+    resolve = _no_gpu(monkeypatch, machine_has_gpus=True)
+    with pytest.raises(RuntimeError, match="this machine has NVIDIA GPUs but torch cannot use them"):
+        resolve("auto")
+    assert resolve("cpu").type == "cpu"  # asked for on purpose
+    resolve = _no_gpu(monkeypatch, machine_has_gpus=True, visible="")
+    assert resolve("auto").type == "cpu"  # hidden on purpose
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES is empty|CPU-only build"):
+        resolve("cuda")
+
+
+def test_the_launcher_pins_one_device_for_every_rank():
+    from qwen3vl.launch.launcher import rank_device
+    from qwen3vl.train.config import Qwen3VLTrainConfig
+
+    cfg = Qwen3VLTrainConfig()
+    assert rank_device(cfg, slurm_gpus_per_node=8) == "cuda"  # a Slurm job asked for GPUs: checked on the nodes
+    assert rank_device(cfg, slurm_gpus_per_node=0) == "cpu"  # a Slurm CPU job
+    assert rank_device(cfg, slurm_gpus_per_node=None) in ("cpu", "cuda")  # torchrun: this machine's answer

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from qwen3vl.parallel.testing import DistributedTestError, run_distributed
+from qwen3vl_testing.distributed import DistributedTestError, run_distributed
 
 
 def rank_and_sum(scale):
@@ -84,3 +84,49 @@ def test_a_hanging_body_times_out():
         run_distributed(sleeps_forever, world_size=1, timeout=2)
     message = str(raised.value)
     assert "no answer after 2 s" in message and "going to sleep" in message
+
+
+def what_the_worker_sees():
+    import os
+
+    import torch
+
+    from qwen3vl.parallel import cpu_backend
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available(), cpu_backend.is_enabled()
+
+
+def test_the_suite_stays_on_the_cpu_where_a_gpu_is_visible():
+    """F5: the pytest process (tests/conftest.py) and every CPU worker hide CUDA, so megatron allocates on
+    the CPU with the CPU backend on, also on a machine with a GPU."""
+    import os
+
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    assert run_distributed(what_the_worker_sees, world_size=2) == [("", False, True)] * 2
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        run_distributed(what_the_worker_sees, world_size=1, device="tpu")
+
+
+def builds_groups_and_counts_network_threads():
+    """Builds a TP2 layout's groups, as a test body does, and counts this process's gloo network-loop threads
+    (read from /proc after a collective on a new group, so they exist)."""
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    from qwen3vl.parallel.groups import initialize_parallel
+    from qwen3vl.parallel.layout import ParallelLayout
+
+    initialize_parallel(ParallelLayout(tp=2), device="cpu")
+    from megatron.core import parallel_state
+
+    dist.all_reduce(torch.ones(1), group=parallel_state.get_tensor_model_parallel_group())
+    return sum((task / "comm").read_text().strip() == "gloo_tcp_loop" for task in Path("/proc/self/task").iterdir())
+
+
+def test_the_groups_a_body_builds_are_gone_after_it():
+    """megatron forgets its groups but torch keeps them, each gloo group with live network threads: a pool
+    that ran the suite's bodies spent a third of a core idling. The harness destroys them after each body."""
+    counts = [run_distributed(builds_groups_and_counts_network_threads, world_size=2)[0] for _ in range(3)]
+    assert counts[0] > 0 and counts[2] == counts[0], counts

@@ -1,7 +1,9 @@
 """Every ParallelLayout rule, checked without any process group (validate is pure)."""
 import pytest
 
-from qwen3vl.parallel.layout import LayoutError, ModelDims, ParallelLayout
+from pathlib import Path
+
+from qwen3vl.parallel.layout import RULES, LayoutError, ParallelLayout
 
 # A Qwen3-VL-2B-like language model: 16 query heads, 8 KV heads, 28 layers.
 DENSE = dict(num_attention_heads=16, num_query_groups=8, num_layers=28)
@@ -52,11 +54,20 @@ def test_layers_must_be_divisible_by_pp_and_vpp():
 
 
 def test_uneven_pipeline_split_is_accepted_when_explicit():
-    ParallelLayout(pp=3).validate(3, pipeline_layers=[10, 9, 9], **DENSE)
-    message = only_problem(ParallelLayout(pp=3), 3, pipeline_layers=[10, 9, 8])
+    ParallelLayout(pp=3, pipeline_layers=[10, 9, 9]).validate(3, **DENSE)
+    message = only_problem(ParallelLayout(pp=3, pipeline_layers=[10, 9, 8]), 3)
     assert "sums to 27, not num_layers=28" in message
-    message = only_problem(ParallelLayout(pp=3), 3, pipeline_layers=[14, 14])
+    message = only_problem(ParallelLayout(pp=3, pipeline_layers=[14, 14]), 3)
     assert "has 2 entries but there are 3" in message
+
+
+def test_a_stage_may_hold_no_layers():
+    """The model builds 0-layer (virtual) stages (megatron's pipeline layout), so the rule allows them."""
+    layout = ParallelLayout(pp=2, vpp=2, pipeline_layers=(3, 0, 0, 1)).validate(2, **dict(DENSE, num_layers=4))
+    assert layout.stage_layers(4) == [3, 0, 0, 1]
+    ParallelLayout(pp=2, pipeline_layers=(4, 0)).validate(2, **dict(DENSE, num_layers=4))
+    message = only_problem(ParallelLayout(pp=2, pipeline_layers=(5, -1)), 2, num_layers=4)
+    assert "negative layer count" in message
 
 
 def test_experts_must_be_divisible_by_ep():
@@ -78,9 +89,11 @@ def test_expert_layout_must_fit_the_world():
 
 def test_sequence_length_must_be_divisible_by_2cp_and_tp_with_sequence_parallel():
     message = only_problem(ParallelLayout(cp=2), 2, seq_length=4098)
-    assert "seq_length=4098 is not divisible by 4 = 2·cp = 4" in message
+    assert "seq_length=4098 is not divisible by 4 (2·cp = 4)" in message and "use seq_length=4096 or 4100" in message
     message = only_problem(ParallelLayout(tp=2, cp=2, sequence_parallel=True), 4, seq_length=4100)
     assert "not divisible by 8" in message and "tp = 2" in message
+    message = only_problem(ParallelLayout(tp=2, sequence_parallel=True), 2, seq_length=4097)
+    assert "sequence parallelism splits every sequence over the TP ranks" in message
     ParallelLayout(tp=2, cp=2, sequence_parallel=True).validate(4, seq_length=4096, **DENSE)
     ParallelLayout(tp=2).validate(2, seq_length=4097, **DENSE)  # no constraint without CP/SP
 
@@ -89,7 +102,7 @@ def test_deepstack_layers_must_be_on_the_first_stage():
     dims = dict(DENSE, num_layers=4)
     message = only_problem(ParallelLayout(pp=2), 2, **dims)
     assert "LLM layers 0..2" in message and "first pipeline stage, which holds only 2" in message
-    ParallelLayout(pp=2).validate(2, pipeline_layers=[3, 1], **dims)
+    ParallelLayout(pp=2, pipeline_layers=[3, 1]).validate(2, **dims)
     ParallelLayout(pp=2).validate(2, deepstack_layers=0, **dims)  # text-only model
     message = only_problem(ParallelLayout(pp=2, vpp=2), 2, num_layers=8)
     assert "first virtual chunk of pipeline rank 0, which holds only 2" in message
@@ -98,7 +111,7 @@ def test_deepstack_layers_must_be_on_the_first_stage():
 
 def test_interleaving_needs_microbatches_divisible_by_pp():
     message = only_problem(ParallelLayout(pp=4, vpp=7), 4, num_microbatches=6, deepstack_layers=1)
-    assert "num_microbatches=6 is not divisible by pp=4" in message
+    assert "num_microbatches=6 (per step and DP rank) is not divisible by pp=4" in message
     ParallelLayout(pp=4, vpp=7).validate(4, num_microbatches=8, deepstack_layers=1, **DENSE)
     ParallelLayout(pp=4).validate(4, num_microbatches=6, **DENSE)  # plain 1F1B has no such rule
 
@@ -115,11 +128,26 @@ def test_all_problems_are_reported_together():
     assert len(found) >= 5  # world size, heads, groups, layers, experts (and expert span)
 
 
-def test_model_dims_entry_point():
-    dims = ModelDims(num_attention_heads=16, num_query_groups=8, num_layers=28, pipeline_layers=(15, 13))
-    ParallelLayout(pp=2).validate_for(2, dims, seq_length=8192)
-    with pytest.raises(LayoutError, match="sums to 28"):
-        ParallelLayout(pp=2).validate_for(2, ModelDims(16, 8, 29, pipeline_layers=(15, 13)))
+def test_vision_heads_must_be_divisible_by_tp():
+    message = only_problem(ParallelLayout(tp=4), 4, vision_heads=6)
+    assert "tp=4 does not divide the 6 ViT heads" in message
+    ParallelLayout(tp=4).validate(4, vision_heads=16, **DENSE)
+
+
+def test_model_config_gives_the_sizes_the_rules_need():
+    from qwen3vl.model.presets import get_preset
+
+    dims = get_preset("tiny-moe").layout_dims()
+    assert dims == dict(num_attention_heads=4, num_query_groups=2, num_layers=4, num_experts=8,
+                        deepstack_layers=3, vision_heads=4)
+    with pytest.raises(LayoutError, match="first pipeline stage, which holds only 2"):
+        ParallelLayout(pp=2).validate(2, **dims)
+
+
+def test_docs_table_is_the_rule_list():
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "parallel.md").read_text()
+    table = ["| rule | why |", "| --- | --- |"] + [f"| {rule} | {why} |" for rule, why in RULES]
+    assert "\n".join(table) in docs, "docs/parallel.md's rule table differs from qwen3vl.parallel.layout.RULES"
 
 
 @pytest.mark.parametrize("layout, multiple", [

@@ -2,7 +2,7 @@
 TP2·PP2 and DP2·TP2 gives the single-rank fp32 losses and gradient norms (≤1e-5 relative)."""
 import math
 
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed
 
 RELATIVE_TOLERANCE = 1e-5
 
@@ -13,7 +13,7 @@ def reference_then_layouts(checkpoint_dir, layouts, num_experts=None, bf16=False
 
     from megatron.core import parallel_state
 
-    from qwen3vl.parallel import tiny_gpt
+    from qwen3vl_testing import tiny_gpt
     from qwen3vl.parallel.groups import destroy_parallel, initialize_parallel
     from qwen3vl.parallel.layout import ParallelLayout
 
@@ -78,8 +78,14 @@ def test_bf16_zero1_under_tp2_tracks_fp32(tmp_path):
     """The GPU path (Float16Module, fp32 main weights in the distributed optimizer), run on CPU."""
     per_rank = run_distributed(reference_then_layouts, world_size=2, timeout=300, bf16=True,
                                checkpoint_dir=str(tmp_path / "initial"), layouts=[dict(tp=2)])
-    # bf16 rounding (8 mantissa bits) against the fp32 reference: measured 5e-4 on losses, 3 % on norms
-    # (deterministic on CPU); the bounds are those measurements with a factor of 2 at most.
-    assert_matches_reference(per_rank, [dict(tp=2, dp=1)], loss_tolerance=1e-3, norm_tolerance=0.06)
+    # Bounds from bf16's unit rounding u = 2^-8 (8 significant bits), not from one CPU's kernels: the
+    # measured differences depend on the CPU's instruction set (losses 5e-4 on an earlier machine, 1.1e-3
+    # on an AMD EPYC with AVX2 and no AVX-512; norms 3 % and 5.7 %). Losses, computed from bf16 activations, stay within u; the first
+    # step's norm (the same weights, one bf16 backward: 1.8e-4 measured) within u; later norms, which
+    # amplify the weights' bf16 history, within 10 %.
+    bf16_rounding = 2.0 ** -8
+    assert_matches_reference(per_rank, [dict(tp=2, dp=1)], loss_tolerance=bf16_rounding, norm_tolerance=0.1)
+    first_norm, reference_first_norm = per_rank[0][1][0]["steps"][0][1], per_rank[0][0][0][1]
+    assert math.isclose(first_norm, reference_first_norm, rel_tol=bf16_rounding)
     reference, runs = per_rank[0]
     assert runs[0]["steps"] != reference  # bf16 really was in effect

@@ -1,5 +1,5 @@
 """wrap_for_training builds its one ZeRO-1 optimizer with the caller's per-parameter-group overrides."""
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed
 
 BASE_LR, EMBEDDING_LR, WEIGHT_DECAY = 1e-3, 5e-3, 0.1
 
@@ -11,7 +11,7 @@ def groups_of_every_parameter() -> dict[str, tuple[float, float, float]]:
 
     from qwen3vl.parallel.groups import initialize_parallel
     from qwen3vl.parallel.layout import ParallelLayout
-    from qwen3vl.parallel.tiny_gpt import TinyGPT, build_chunks
+    from qwen3vl_testing.tiny_gpt import TinyGPT, build_chunks
     from qwen3vl.parallel.zero1 import wrap_for_training
 
     layout = ParallelLayout()  # dp = world size: the optimizer state is sharded over both ranks

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed, support_env
 from qwen3vl.train import checkpoint as ckpt
-from qwen3vl.train.testing import fixed_rows, tiny_config, train_on_rows
+from qwen3vl_testing.training import fixed_rows, tiny_config, train_on_rows
 
 
 def fake_run(tmp_path: Path, steps: list[int], latest: int | None) -> Path:
@@ -77,11 +77,12 @@ from pathlib import Path
 from megatron.core.optimizer import OptimizerConfig
 from qwen3vl.parallel.groups import initialize_parallel
 from qwen3vl.parallel.layout import ParallelLayout
-from qwen3vl.parallel.tiny_gpt import TinyGPT, build_chunks
+from qwen3vl_testing.tiny_gpt import TinyGPT, build_chunks
 from qwen3vl.parallel.zero1 import wrap_for_training
 from qwen3vl.train import checkpoint as ckpt
+from qwen3vl.train.checkpoint_async import AsyncSaver
 
-def main(run_dir, marker):
+def main(run_dir, marker, mode):
     layout = ParallelLayout()
     initialize_parallel(layout)
     chunks, optimizer = wrap_for_training(build_chunks(TinyGPT(), layout), layout,
@@ -91,10 +92,14 @@ def main(run_dir, marker):
         Path(marker).write_text("ready")
         time.sleep(600)
     ckpt._before_commit = hang
-    ckpt.save_checkpoint(run_dir, ckpt.TrainState(step=2), chunks, optimizer, loader_state={"position": 2})
+    saver = AsyncSaver() if mode == "async" else None
+    ckpt.save_checkpoint(run_dir, ckpt.TrainState(step=2), chunks, optimizer, loader_state={"position": 2},
+                         async_saver=saver)
+    if saver is not None:
+        saver.wait()  # the background write finishes, then the commit (and the hang) runs
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])
 """
 
 
@@ -103,7 +108,7 @@ def resume_body(run_dir: str) -> tuple[int, object, str]:
 
     from qwen3vl.parallel.groups import initialize_parallel
     from qwen3vl.parallel.layout import ParallelLayout
-    from qwen3vl.parallel.tiny_gpt import TinyGPT, build_chunks
+    from qwen3vl_testing.tiny_gpt import TinyGPT, build_chunks
     from qwen3vl.parallel.zero1 import wrap_for_training
 
     layout = ParallelLayout()
@@ -122,28 +127,78 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_process_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_process_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, mode):
     script, marker, run = tmp_path / "kill_me.py", tmp_path / "ready", tmp_path / "run"
     script.write_text(KILL_SCRIPT)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-               LOCAL_RANK="0", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(script), str(run), str(marker)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = support_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", OMP_NUM_THREADS="1")
+    # Its own process group, killed as a whole, as a node failure or the scheduler kills a job: the
+    # save's helper processes die with it instead of outliving the test.
+    proc = subprocess.Popen([sys.executable, str(script), str(run), str(marker), mode], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while not marker.exists():
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "the save never reached its commit point"
             time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert (ckpt.iteration_dir(run, 2) / "metadata.json").is_file()  # the data of step 2 was all written...
     assert ckpt.find_latest(run) == ckpt.iteration_dir(run, 1)  # ...but never committed
     step, loader_state, latest = run_distributed(resume_body, world_size=1, timeout=120, run_dir=str(run))[0]
     assert (step, loader_state) == (1, {"position": 1})
     assert latest == "iter_0000002"
+
+
+# ---- an asynchronous save ----------------------------------------------------------------------------
+
+def async_body(run_dir: str, reference_dir: str) -> dict:
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.optimizer import OptimizerConfig
+
+    from qwen3vl.parallel.groups import initialize_parallel
+    from qwen3vl.parallel.layout import ParallelLayout
+    from qwen3vl.parallel.zero1 import wrap_for_training
+    from qwen3vl.train.checkpoint_async import AsyncSaver
+    from qwen3vl_testing.tiny_gpt import TinyGPT, build_chunks
+
+    layout = ParallelLayout()
+    initialize_parallel(layout)
+    chunks, optimizer = wrap_for_training(build_chunks(TinyGPT(), layout), layout,
+                                          OptimizerConfig(optimizer="adam", lr=1e-3, bf16=False))
+    saver = AsyncSaver()
+    ckpt.save_checkpoint(run_dir, ckpt.TrainState(step=1), chunks, optimizer, async_saver=saver)
+    saver.wait()
+    ckpt.save_checkpoint(reference_dir, ckpt.TrainState(step=2), chunks, optimizer)  # the same state, in sync
+    ckpt.save_checkpoint(run_dir, ckpt.TrainState(step=2), chunks, optimizer, async_saver=saver)
+    before_commit = ckpt.find_latest(run_dir).name
+    with torch.no_grad():  # training goes on and changes everything the save captured
+        for chunk in chunks:
+            for p in chunk.parameters():
+                p.add_(1.0)
+        for opt in optimizer.chained_optimizers:
+            for state in opt.optimizer.state.values():
+                state["exp_avg"].add_(1.0)
+    in_flight = saver.in_flight
+    saver.close()
+    a = dist_checkpointing.load_plain_tensors(str(ckpt.find_latest(run_dir)))
+    b = dist_checkpointing.load_plain_tensors(str(ckpt.find_latest(reference_dir)))
+    tensors = [k for k, v in b.items() if isinstance(v, torch.Tensor)]  # (RNG and loader states are objects)
+    return {"before_commit": before_commit, "in_flight": in_flight, "after": ckpt.find_latest(run_dir).name,
+            "tensors": len(tensors), "different": sorted(k for k in tensors if not torch.equal(a[k], b[k]))}
+
+
+def test_an_async_save_commits_once_written_with_the_values_of_its_moment(tmp_path):
+    results = run_distributed(async_body, world_size=2, timeout=300, run_dir=str(tmp_path / "run"),
+                              reference_dir=str(tmp_path / "reference"))
+    for r in results:
+        assert r["before_commit"] == "iter_0000001" and r["in_flight"]  # not committed until finalized
+        assert r["after"] == "iter_0000002"
+        assert r["tensors"] > 10 and r["different"] == []  # the sync save of the same state, bit for bit
 
 
 # ---- resharding: a TP2 checkpoint resumes under TP1 ---------------------------------------------------

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from qwen3vl.train.config import (RECIPES_DIR, ConfigError, Qwen3VLTrainConfig, app_argv, compose_recipe,
                                   config_from_hydra, load_config, parse_app_argv, run_shape, to_yaml)
 from qwen3vl.train.config_checks import build_model_config
+from qwen3vl.train.schedule import SCHEDULE_FILE, plan_file_text, plan_of
 
 TINY = ["model=tiny", "data=demo"]
 
@@ -32,12 +33,44 @@ def test_demo_run_loads_for_two_ranks_with_derived_sizes(tmp_path):
     assert (shape.dp, shape.global_rows, shape.num_microbatches, shape.pad_multiple) == (2, 4, 2, 1)
 
 
-def test_steps_come_from_the_token_budget_unless_given():
+def test_the_schedule_spans_the_token_budget_and_train_steps_only_says_where_to_stop():
     cfg = load_config("stage1_mm", TINY + ["train.token_budget=1e6", "train.global_batch_tokens=8192"], 2)
-    assert cfg.train.steps == 123  # ceil(1e6 / 8192)
-    assert run_shape(cfg, 2).warmup_steps == 1  # round(0.01 · 123)
-    cfg = load_config("stage1_mm", TINY + ["train.token_budget=1e6", "train.steps=5"], 2)
-    assert cfg.train.steps == 5
+    assert cfg.train.steps == 123  # ceil(1e6 / 8192): the end of the budget
+    shape = run_shape(cfg, 2)
+    assert (shape.steps, shape.total_steps, shape.warmup_steps) == (123, 123, 1)  # warmup round(0.01 · 123)
+    stopped = load_config("stage1_mm", TINY + ["train.token_budget=1e6", "train.global_batch_tokens=8192",
+                                                "train.steps=5", "train.stop_at_step=3"], 2)
+    assert (stopped.train.steps, stopped.train.stop_at_step) == (5, 3)
+    assert plan_of(stopped) == plan_of(cfg) and run_shape(stopped, 2).total_steps == 123
+    explicit = load_config("stage1_mm", TINY + ["schedule.total_steps=40", "train.steps=10"], 2)
+    assert (plan_of(explicit).total_steps, plan_of(explicit).warmup_steps, explicit.train.steps) == (40, 0, 10)
+    msg = _error("stage1_mm", TINY + ["train.token_budget=1e6", "train.global_batch_tokens=8192", "train.steps=200"])
+    assert ("train.steps=200 runs past the end of the schedule (123 steps = train.token_budget=1e+06 / "
+            "train.global_batch_tokens=8192)") in msg
+    msg = _error("stage1_mm", TINY + ["train.token_budget=null", "train.steps=5", "train.stop_after_minutes=0",
+                                      "train.stop_at_step=0"])
+    assert "the schedule has no horizon: set train.token_budget=" in msg and "schedule.total_steps=N" in msg
+    assert "train.stop_after_minutes=0.0 must be positive" in msg and "train.stop_at_step=0 must be at least 1" in msg
+
+
+def test_a_resume_that_changes_the_saved_schedule_is_refused_before_any_rank_starts(tmp_path):
+    run = [f"run_dir={tmp_path}", "train.token_budget=81920", "train.global_batch_tokens=8192"]  # 10 steps
+    saved = load_config("stage1_mm", TINY + run, 2)
+    checkpoint = tmp_path / "checkpoints" / "iter_0000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / SCHEDULE_FILE).write_text(plan_file_text(plan_of(saved)))
+    (tmp_path / "checkpoints" / "latest").write_text("iter_0000004\n")
+    assert load_config("stage1_mm", TINY + run + ["train.steps=6"], 2).train.steps == 6  # a stop is no change
+    msg = _error("stage1_mm", TINY + run + ["train.token_budget=163840", "optim.lr.merger=1e-3",
+                                            "schedule.decay_style=wsd"])
+    assert "run_dir=" in msg and "resumes from iter_0000004, whose schedule this config would change" in msg
+    for change in ("schedule.total_steps (or train.token_budget / train.global_batch_tokens): saved 10, new 20",
+                   "schedule.decay_style: saved cosine, new wsd", "'merger': 0.0001", "'merger': 0.001",
+                   "schedule.wsd_decay_fraction: saved None, new 2", "schedule.on_resume=replan"):
+        assert change in msg
+    replan = load_config("stage1_mm", TINY + run + ["train.token_budget=163840", "schedule.on_resume=replan"], 2)
+    assert plan_of(replan).total_steps == 20
+    assert load_config("stage1_mm", TINY + run + ["train.token_budget=163840"], 2, check_paths=False)  # login node
 
 
 def test_layout_error_names_the_rule_and_the_fix():
@@ -93,7 +126,7 @@ def test_every_problem_is_reported_at_once():
     msg = _error("stage0_align", TINY + ["train.loss_exponent=2", "train.trainable=[merger,ears]", "optim.beta2=1.5",
                                          "schedule.min_lr_ratio=-1", "train.steps=null", "train.token_budget=null"])
     for field in ("train.loss_exponent=2.0", "train.trainable=['merger', 'ears']", "optim.beta2=1.5",
-                  "schedule.min_lr_ratio=-1.0", "train.steps and train.token_budget are both null"):
+                  "schedule.min_lr_ratio=-1.0", "the schedule has no horizon: set train.token_budget="):
         assert field in msg
     assert "invalid training config (5 problem(s))" in msg
 
@@ -149,3 +182,24 @@ def test_hydra_dictconfig_and_yaml_round_trip(tmp_path):
     again = config_from_hydra(OmegaConf.create(to_yaml(cfg)))
     assert again == cfg
     assert cfg.schedule.decay_style.value == "cosine" and cfg.parallel.cp == 4
+
+
+def test_the_eval_section_is_checked_and_train_eval_interval_names_its_successor(tmp_path):
+    cfg = load_config("stage0_align", TINY + [f"run_dir={tmp_path}/run"], world_size=2)
+    assert [(d.name, d.shards) for d in cfg.eval.datasets] == [("heldout", "demo")]  # the demo's held-out split
+    assert cfg.eval.interval > 0 and cfg.eval.at_start and cfg.eval.at_end
+    real = load_config("stage1_mm", [], world_size=64, check_paths=False)
+    assert real.eval.datasets and all(d.shards.startswith(real.data.root) for d in real.eval.datasets)
+    msg = _error("stage0_align", TINY + ["eval.interval=-1", "eval.samples=0", "eval.tokens=100",
+                                         "eval.datasets=[{name: a, shards: demo}, {name: a, shards: demo}]"])
+    assert "eval.interval=-1: use 0 (no periodic evaluation) or a positive number of steps" in msg
+    assert "eval.samples=0 must be at least 1 (or null)" in msg
+    assert "eval.samples=0 and eval.tokens=100 both limit the held-out pass: set one of them to null" in msg
+    assert "eval.datasets names ['a', 'a'] repeat" in msg
+    msg = _error("stage0_align", TINY + ["eval.datasets=[]", "eval.interval=5"])
+    assert "eval.interval=5 but eval.datasets is empty" in msg
+    (tmp_path / "h-1.tar").write_bytes(b"")
+    msg = _error("stage0_align", TINY + [f"eval.datasets=[{{name: web, shards: '{tmp_path}/h-{{0..1}}.tar'}}]"])
+    assert f"eval.datasets[0] (web) shards={tmp_path}/h-{{0..1}}.tar: shard {tmp_path}/h-0.tar does not exist" in msg
+    msg = _error("stage0_align", TINY + ["train.eval_interval=5"])
+    assert "train.eval_interval was replaced by the eval section: eval.interval=N with eval.datasets" in msg

@@ -189,7 +189,7 @@ def test_vit_attention_grows_with_patches_squared_per_frame_group():
 
 @pytest.fixture(scope="module")
 def hf_tiny():
-    from qwen3vl.model.hf_reference import build_hf_model
+    from qwen3vl.model.interop.hf_reference import build_hf_model
 
     config = get_preset("tiny")
     return config, build_hf_model(config)
@@ -202,7 +202,7 @@ def test_count_matches_transformers_qwen3vl_forward_and_backward(hf_tiny, traina
     On CPU FlopCounterMode does not see the sdpa attention kernels, so the weight matmuls are compared
     (everything but the attention parts of the count): this checks the sizes taken from the config.
     """
-    from qwen3vl.model.testing import hf_forward, make_case
+    from qwen3vl_testing.model_cases import hf_forward, make_case
 
     config, hf = hf_tiny
     dims = FlopDims.from_model_config(config)
@@ -266,7 +266,7 @@ def _rank_memory() -> tuple[list[float], float]:
 
 
 def test_peak_memory_is_reported_for_every_rank():
-    from qwen3vl.parallel.testing import run_distributed
+    from qwen3vl_testing.distributed import run_distributed
 
     from qwen3vl.train.flops import peak_memory_per_rank
 

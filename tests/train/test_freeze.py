@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed
 from qwen3vl.train.freeze import apply_freeze, part_of, trainable_parts
-from qwen3vl.train.testing import fixed_rows, named_parameters, tiny_config, train_on_rows
+from qwen3vl_testing.training import fixed_rows, named_parameters, tiny_config, train_on_rows
 
 
 def test_parts_by_name():

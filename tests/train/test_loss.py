@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen3vl.parallel.testing import run_distributed
+from qwen3vl_testing.distributed import run_distributed
 from qwen3vl.train.loss import reduce_reports, step_normalizer, weighted_loss
 
 VOCAB, DIM = 11, 5

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from qwen3vl.parallel.testing import DistributedTestError, run_distributed
-from qwen3vl.train.testing import fixed_rows, named_parameters, tiny_config, train_on_rows
+from qwen3vl_testing.distributed import DistributedTestError, run_distributed
+from qwen3vl_testing.training import fixed_rows, named_parameters, tiny_config, train_on_rows
 
 
 def nan_at(steps: set[int] | None):
@@ -43,7 +43,7 @@ def nan_body(cfg, rows, nan_steps):
 
 def test_a_nan_step_is_skipped_and_training_goes_on(demo_dir, tmp_path):
     cfg_x = tiny_config(str(tmp_path / "x"), demo_dir, world_size=2, steps=3)
-    cfg_y = tiny_config(str(tmp_path / "y"), demo_dir, world_size=2, steps=2)
+    cfg_y = tiny_config(str(tmp_path / "y"), demo_dir, world_size=2, steps=2, horizon=3)  # x's schedule
     a, b, c = fixed_rows(cfg_x, 3, 2)
     x = run_distributed(nan_body, world_size=2, timeout=300, cfg=cfg_x, rows=[a, b, c], nan_steps=[2])
     y = run_distributed(nan_body, world_size=2, timeout=300, cfg=cfg_y, rows=[a, c], nan_steps=[])
