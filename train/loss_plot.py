@@ -13,6 +13,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Iterator
 
 PLOT_FILE = "loss.png"
 
@@ -21,15 +22,20 @@ STAGE_COLOUR = (128, 128, 128)
 EVAL_COLOURS = ((230, 85, 13), (49, 163, 84), (117, 107, 177), (214, 39, 40), (140, 86, 75))  # one per held-out set
 
 
-def eval_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Held-out set -> (step, loss_sqrt) of its evaluations with a finite loss, in file order."""
-    found: dict[str, list[tuple[int, float]]] = {}
+def _records(run_dir: Path) -> Iterator[dict]:
+    """The lines of ``metrics.jsonl`` that parse (a line cut by a crash is passed over)."""
     path = run_dir / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
-            record = json.loads(line)
+            yield json.loads(line)
         except json.JSONDecodeError:
             continue
+
+
+def eval_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Held-out set -> (step, loss_sqrt) of its evaluations with a finite loss, in file order."""
+    found: dict[str, list[tuple[int, float]]] = {}
+    for record in _records(run_dir):
         loss = record.get("loss_sqrt")
         if record.get("event") == "eval" and loss is not None and math.isfinite(loss):
             found.setdefault(str(record["dataset"]), []).append((int(record["step"]), float(loss)))
@@ -39,12 +45,7 @@ def eval_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def _load_points(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, str]]]:
     """(step, loss) of the finite losses, and (first step, name) of each stage the lines name."""
     points, starts = [], []
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for record in _records(run_dir):
         if "event" in record:
             continue
         stage = record.get("stage")
