@@ -54,6 +54,7 @@ STAGES = (
                                                     "optim.lr.llm=1e-3", "optim.lr.merger=1e-3", "optim.lr.vision=2e-4")),
 )
 WARMUP_FRACTION = 0.1
+EVALS_PER_STAGE = 4  # held-out evaluations inside each stage, besides those at its start and end
 
 
 def run(cmd: list[str]) -> None:
@@ -77,7 +78,8 @@ def stage_command(stage: Stage, out: Path, data_dir: Path, nproc: int, init_from
     overrides = [*COMMON, mix_override(data_dir), f"run_dir={out / stage.name}", f"data.demo_dir={data_dir}",
                  f"train.seq_length={stage.seq}", f"train.global_batch_tokens={stage.batch}",
                  f"train.token_budget={steps * stage.batch}", f"train.save_interval={steps}",
-                 f"schedule.warmup_fraction={WARMUP_FRACTION}", *stage.overrides]
+                 f"schedule.warmup_fraction={WARMUP_FRACTION}",
+                 f"eval.interval={max(1, steps // EVALS_PER_STAGE)}", *stage.overrides]
     if init_from is not None:
         overrides.append(f"init_from={init_from}")
     return [sys.executable, "-m", "qwen3vl.launch.launcher", "--nproc", str(nproc), "--recipe", stage.recipe,
