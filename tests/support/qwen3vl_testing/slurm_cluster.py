@@ -3,13 +3,15 @@
     with slurm(tmp_path) as env:        # env: os.environ + SLURM_CONF for sbatch, squeue, scancel ...
         subprocess.run(["sbatch", script], env=env)
 
-``slurm`` uses the cluster that ``$SLURM_CONF`` names when it answers (CI starts one before the suite:
-``python tests/support/qwen3vl_testing/slurm_cluster.py DIR`` runs it until SIGTERM), else starts its own.
-Debian's ``slurm-wlm`` and ``munge`` packages provide the daemons (``.ci/run`` installs them). The
+``slurm`` starts a fresh cluster for the block where it can (root and the daemons installed), so a test
+sees no state of earlier tests and its daemons' logs are its own (``daemon_log_errors`` for a failure
+message); elsewhere it uses the cluster that ``$SLURM_CONF`` names when that answers.
+``python tests/support/qwen3vl_testing/slurm_cluster.py DIR`` runs one until SIGTERM, for trying things
+by hand. Debian's ``slurm-wlm`` and ``munge`` packages provide the daemons (``.ci/run`` installs them). The
 cluster uses its own munge socket, ports, state and spool directories, so it neither needs nor
 disturbs a Slurm that may already run on the machine; the daemons run as root (slurmd must, to
 start jobs) and are stopped on exit. ``available()`` says why no cluster can be used here; with
-``QWEN3VL_REQUIRE_SLURM=1`` (set by CI once its cluster is up) a test must not skip for that.
+``QWEN3VL_REQUIRE_SLURM=1`` (set by CI once the packages are installed) a test must not skip for that.
 """
 from __future__ import annotations
 
@@ -29,9 +31,14 @@ CLIENTS = ("sbatch", "squeue", "scontrol", "scancel")
 
 
 def available() -> Optional[str]:
-    """None when a cluster is running ($SLURM_CONF) or a local one can start here, else the reason not."""
-    if _running(dict(os.environ)):
+    """None when a local cluster can start here or $SLURM_CONF's answers, else the reason not."""
+    why_not = _why_no_local()
+    if why_not is None or _running(dict(os.environ)):
         return None
+    return why_not
+
+
+def _why_no_local() -> Optional[str]:
     missing = [name for name in DAEMONS + CLIENTS if shutil.which(name) is None
                and not Path("/usr/sbin", name).is_file()]
     if missing:
@@ -83,8 +90,10 @@ def _config(root: Path, host: str, cpus: int, memory_mb: int) -> str:
         "JobRequeue=1",
         "MinJobAge=600",  # finished jobs stay visible to scontrol for the test
         "KillWait=10",
-        "SlurmctldTimeout=30",
-        "SlurmdTimeout=30",
+        # A 2-core machine busy with multi-rank tests can starve slurmd for a while; a node marked not
+        # responding would fail the test's job for a reason that is not the test's.
+        "SlurmctldTimeout=300",
+        "SlurmdTimeout=300",
         f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
         f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP",
         "",
@@ -105,10 +114,9 @@ def _running(env: dict[str, str]) -> bool:
 
 @contextlib.contextmanager
 def slurm(root: Path) -> Iterator[dict[str, str]]:
-    """The running cluster of $SLURM_CONF if it answers, else a local one under ``root`` for the block."""
-    env = dict(os.environ)
-    if _running(env):
-        yield env
+    """A fresh local cluster under ``root`` for the block where one can start, else $SLURM_CONF's."""
+    if _why_no_local() is not None and _running(dict(os.environ)):
+        yield dict(os.environ)
         return
     with local_slurm(root) as env:
         yield env
@@ -173,6 +181,29 @@ def job_state(env: dict[str, str], job_id: str) -> dict[str, str]:
         key, _, value = item.partition("=")
         fields[key] = value
     return fields
+
+
+# Errors every fresh cluster logs once at start (no state files yet, no PMIx, no mail program).
+STARTUP_NOISE = ("pmix", "mpi:", "state file", "note: trying backup", "mailprog")
+
+
+def daemon_log_errors(env: dict[str, str], lines: int = 40) -> str:
+    """The last ``lines`` error and kill lines of the cluster's slurmctld and slurmd logs (the files its
+    slurm.conf names), for a failure message: why Slurm ended a job that never ran its script."""
+    conf = Path(env.get("SLURM_CONF", ""))
+    if not conf.is_file():
+        return "(no slurm.conf to find the daemons' logs)"
+    files = dict(line.split("=", 1) for line in conf.read_text().splitlines() if "LogFile=" in line)
+    out = []
+    for key in ("SlurmctldLogFile", "SlurmdLogFile"):
+        log = Path(files.get(key, ""))
+        if not log.is_file():
+            continue
+        hits = [line for line in log.read_text(errors="replace").splitlines()
+                if any(w in line.lower() for w in ("error", "kill", "revoked", "fail", "requeue", "launch"))
+                and not any(w in line.lower() for w in STARTUP_NOISE)]
+        out.append(f"--- {log}\n" + "\n".join(hits[-lines:]))
+    return "\n".join(out) or "(no daemon logs found)"
 
 
 def main(argv: list[str]) -> int:
