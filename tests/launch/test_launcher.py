@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -129,3 +130,29 @@ def test_same_command_with_more_steps_continues_exactly_and_wandb_records_it(tmp
     assert last["run_id"] == run_id and last["summary"]["loss"] == records[-1]["loss"]
     assert last["config"]["datasets"] == records[S0_STEPS // 2]["datasets"]  # the resumed run's first line
     assert last["summary"]["_step"] == S0_STEPS
+
+
+def test_a_failed_run_waits_for_its_leftover_processes_before_the_report():
+    """The failure report waits for the processes carrying the run's marker (a killed rank's data workers
+    and resource tracker, whose warnings would otherwise follow the report), and no longer than its limit."""
+    marker = f"{launcher.RUN_MARKER}=test-{os.getpid()}"
+    env = {**os.environ, launcher.RUN_MARKER: marker.split("=", 1)[1]}
+
+    def waited(timeout_s: float, which: str = marker) -> float:
+        started = time.monotonic()
+        launcher.wait_for_leftovers(which, timeout_s)
+        return time.monotonic() - started
+
+    assert waited(10) < 1  # nothing of the run left: no wait
+    procs = []
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"], env=env))
+        assert 1.9 < waited(10) < 9  # until the leftover exited
+        assert procs[0].poll() is not None
+        procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env))
+        assert 1.4 < waited(1.5) < 5 and procs[1].poll() is None  # gave up at the limit
+        assert waited(10, f"{launcher.RUN_MARKER}=another-run") < 1  # another run's processes: not waited for
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
