@@ -76,20 +76,24 @@ class Evaluator:
         if total == 0:
             raise RuntimeError(f"held-out set {eval_set.name!r} gave no packed row: its shards hold no readable "
                                "sample (check eval.datasets, or raise eval.samples / eval.tokens)")
-        mine = [self.to_microbatch(row) for i, row in kept if i % dp == dp_rank]
+        mine = [row for i, row in kept if i % dp == dp_rank]
         per_rank = -(-total // dp)
         per_rank = -(-per_rank // self.microbatch_multiple) * self.microbatch_multiple
-        filler = mine[0] if dp_rank == 0 else self.to_microbatch(kept[0][1])
-        items = [(mb, True) for mb in mine] + [(filler, False)] * (per_rank - len(mine))
+        items = [(row, True) for row in mine] + [(kept[0][1], False)] * (per_rank - len(mine))
 
         def forward_step(data_iterator: Iterator, model):
-            mb, counted = next(data_iterator)
+            row, counted = next(data_iterator)
+            # Made here, not up front: a rank's whole share of a held-out pass, every row with its pixels,
+            # would otherwise sit on the device at once.
+            mb = self.to_microbatch(row)
             mask = mb.loss_mask() if counted else torch.zeros_like(mb.loss_mask())
             # The normaliser's scale only matters for gradients: there are none here.
             return self.run_model(model, mb), make_loss_func(mask, mb.loss_token_counts, self.exponent, 1.0)
 
-        reports = run_schedule(self.model_chunks, [mb for mb, _ in items], forward_step, forward_only=True,
-                               items=items)
+        # The schedule's one length: a micro-batch per distinct row length is all its check needs.
+        by_length = {row.seq_length: row for row, _ in items}
+        reports = run_schedule(self.model_chunks, [self.to_microbatch(r) for r in by_length.values()], forward_step,
+                               forward_only=True, items=items)
         groups = (ps.get_data_parallel_group(with_context_parallel=True), ps.get_pipeline_model_parallel_group())
         (sqrt_num, sqrt_den), (token_num, token_den) = report_sums(reports, groups).tolist()
         return EvalResult(eval_set.name, loss_token_mean=_ratio(token_num, token_den),

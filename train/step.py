@@ -96,8 +96,10 @@ def run_schedule(model_chunks: Sequence[torch.nn.Module], microbatches: Sequence
     pipeline stage's, an empty list elsewhere). The one call of the schedule: training (``forward_only=False``)
     and evaluation (``qwen3vl.train.evaluate``, forward only) run the same one.
 
-    ``forward_step(data_iterator, model)`` draws from iterators over ``items`` (default: the micro-batches;
-    evaluation passes (micro-batch, counts) pairs), one iterator per model chunk (virtual stage)."""
+    ``forward_step(data_iterator, model)`` draws from iterators over ``items``, one iterator per model chunk
+    (virtual stage); by default the items are ``microbatches``. ``microbatches`` give the schedule its one
+    length (``schedule_length``): evaluation passes (packed row, counted) pairs as items, one micro-batch
+    per row length, and makes each item's micro-batch as its forward runs."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     items = list(microbatches if items is None else items)
