@@ -109,8 +109,7 @@ def test_missing_shards_fail_with_the_dataset_and_pattern(tmp_path):
     assert f"data.datasets[0] (web) shards={pattern}: shard {tmp_path}/s-002.tar does not exist" in msg
     assert "fix the path or brace pattern" in msg
     ok = f"{tmp_path}/s-{{000..001}}.tar"
-    no_eval = ["eval.datasets=[]", "eval.interval=0", "eval.at_start=false", "eval.at_end=false"]  # the recipe's
-    # held-out sets are not on this machine
+    no_eval = ["eval.datasets=[]", "eval.interval=0"]  # the recipe's held-out sets are not on this machine
     load_config("stage1_mm", ["model=tiny", f"data.datasets=[{{name: web, shards: '{ok}', weight: 1.0}}]", *no_eval],
                 world_size=64)
 
