@@ -11,7 +11,7 @@ Input contract (one packed THD row, context-parallel local: ``qwen3vl.parallel.m
 pixel_values [N, 1536] and grid_thw [M, 3] of the *whole* row's media, visual_index [T] (k for the row's
 k-th visual token, -1 for text), labels [T] or None, gather_index [T] (the global row of each local row).
 Returns the per-token loss [T] fp32 (0 where the label
-is IGNORE_INDEX) when labels are given, else the logits [T, vocab / TP] (this rank's vocabulary slice);
+is IGNORE_INDEX; only labelled rows are projected onto the vocabulary) when labels are given, else the logits [T, vocab / TP] (this rank's vocabulary slice);
 stages other than the last return their output hidden states for the pipeline schedule.
 """
 from __future__ import annotations
@@ -146,9 +146,27 @@ class Qwen3VLModel(LanguageModule):
         if not self.post_process:
             return hidden
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden, weight=weight)  # [T, 1, V/TP]
         if labels is None:
+            logits, _ = self.output_layer(hidden, weight=weight)  # [T, 1, V/TP]
             return logits.squeeze(1)
+        return self._token_loss(hidden, labels, weight)
+
+    def _token_loss(self, hidden: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """The per-token loss [T] fp32, 0 where the label is IGNORE_INDEX.
+
+        Only the rows with a label go through the output layer and the cross entropy: visual tokens, prompts
+        and padding have none, and the vocabulary projection (151,936 columns) is most of a small model's
+        step and, in fp32 logits, most of a large one's activation memory at 8K+ tokens. Every TP rank
+        holds the same labels, so each selects the same rows. Under sequence parallelism the output layer
+        itself gathers each rank's sequence share, which a selection made before it would break: there the
+        whole sequence goes through, as megatron does.
+        """
         ignored = labels == IGNORE_INDEX
-        loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.masked_fill(ignored, 0).unsqueeze(1))
-        return loss.squeeze(1).float().masked_fill(ignored, 0.0)
+        if self.config.sequence_parallel:
+            logits, _ = self.output_layer(hidden, weight=weight)  # [T, 1, V/TP]
+            loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.masked_fill(ignored, 0).unsqueeze(1))
+            return loss.squeeze(1).float().masked_fill(ignored, 0.0)
+        keep = torch.nonzero(~ignored).squeeze(1)
+        logits, _ = self.output_layer(hidden.index_select(0, keep), weight=weight)  # [K, 1, V/TP]
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels[keep].unsqueeze(1)).squeeze(1).float()
+        return torch.zeros(labels.shape, dtype=torch.float32, device=labels.device).index_copy(0, keep, loss)

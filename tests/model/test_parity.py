@@ -69,7 +69,11 @@ def _parity_body(preset: str, recompute: bool = False) -> dict:
     # Loss and gradients: a row with an image+video sample and a text sample, summed token losses.
     samples = [make_case("image_video", config, seed=4), make_case("text", config, seed=5)]
     batch = pack_samples(samples, pad_multiple=4, tail=4)
+    projected = []  # rows the output layer sees: only the labelled ones (visual tokens and padding have none)
+    hook = model.output_layer.register_forward_pre_hook(lambda module, args: projected.append(args[0].shape[0]))
     ours_loss = stage_forward(model, model_inputs(batch), with_labels=True)
+    hook.remove()
+    result["projected_rows"] = (projected, int(batch.loss_mask().sum()), batch.seq_length)
     ours_loss.sum().backward()
     ref_losses = [hf_token_loss(hf_forward(hf, s).logits[0], s) for s in samples]
     sum(loss.sum() for loss in ref_losses).backward()
@@ -105,6 +109,12 @@ def test_logits_match_transformers(parity, case):
 def test_per_token_loss_matches_transformers(parity):
     assert parity["loss"] <= LOGIT_TOL
     assert parity["loss_at_padding"] == 0.0
+
+
+def test_only_labelled_rows_reach_the_output_layer(parity):
+    projected, labelled, row = parity["projected_rows"]
+    assert 0 < labelled < row
+    assert projected == [labelled]
 
 
 def test_gradients_match_transformers(parity):
