@@ -22,8 +22,8 @@ from pathlib import Path
 
 def input_errors() -> tuple[type[BaseException], ...]:
     """Wrong input (missing or unreadable files, malformed sources, broken datasets): the message says it all."""
-    from qwen3vl.data.dataset_errors import DatasetError  # imported here: webdataset imports torch (seconds)
-    from qwen3vl.data.robust import TooManyBadSamples
+    from qwen3vl.data.dataset_errors import DatasetError  # lazy: webdataset imports torch; --help stays instant
+    from qwen3vl.data.robust import TooManyBadSamples  # lazy: imports torch; --help stays instant
 
     return OSError, json.JSONDecodeError, UnicodeDecodeError, DatasetError, TooManyBadSamples
 
@@ -33,7 +33,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _build(args) -> dict:
-    from qwen3vl.data import build
+    from qwen3vl.data import build  # lazy: imports torch; --help stays instant
 
     if args.llava:
         if not args.image_root:
@@ -52,7 +52,7 @@ def _build(args) -> dict:
 
 
 def _demo(args) -> dict:
-    from qwen3vl.data.demo import write_demo
+    from qwen3vl.data.demo import write_demo  # lazy: imports torch; --help stays instant
 
     manifest = write_demo(args.out, seed=args.seed)
     for name, subset in manifest["subsets"].items():
@@ -63,7 +63,7 @@ def _demo(args) -> dict:
 
 
 def _inspect(args) -> dict:
-    from qwen3vl.data.inspect_shards import format_report, inspect_shards
+    from qwen3vl.data.inspect_shards import format_report, inspect_shards  # lazy: imports torch; --help stays instant
 
     report = inspect_shards(args.shards, tokenizer_path=args.tokenizer, seq_length=args.seq_length, limit=args.limit)
     print(format_report(report))
@@ -71,7 +71,7 @@ def _inspect(args) -> dict:
 
 
 def _bench(args) -> dict:
-    from qwen3vl.data.bench import run_bench
+    from qwen3vl.data.bench import run_bench  # lazy: imports torch; --help stays instant
 
     result = run_bench(seq_length=args.seq_length, rows=args.rows, pack_buffer=args.pack_buffer,
                        corpus=args.corpus, samples=args.samples, by_kind=not args.corpus)
@@ -86,7 +86,7 @@ def _bench(args) -> dict:
 
 
 def _trace_summary(args) -> dict:
-    from qwen3vl.data.trace import format_summary, summarize
+    from qwen3vl.data.trace import format_summary, summarize  # lazy: imports torch; --help stays instant
 
     report = summarize(args.run_dir)
     print(format_summary(report))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from qwen3vl.data.tokenizer import ADDED_TOKENS, QWEN2_PATTERN, _default_ranks_path
+
 # Added tokens that the released tokenizer marks non-special (they stay in decoded text).
 NON_SPECIAL = frozenset({"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
                          "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
@@ -17,11 +19,9 @@ NON_SPECIAL = frozenset({"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim
 
 def export_hf_tokenizer(output_dir: str, ranks_path: str | None = None) -> str:
     """Saves ``tokenizer.json`` and ``tokenizer_config.json`` into ``output_dir``; returns it."""
-    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    from qwen3vl.data.tokenizer import ADDED_TOKENS, QWEN2_PATTERN, _default_ranks_path
+    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers  # lazy: optional (convert extra)
+    from transformers import PreTrainedTokenizerFast  # lazy: transformers is optional (the convert extra)
+    from transformers.convert_slow_tokenizer import TikTokenConverter  # lazy: transformers is optional
 
     backend = TikTokenConverter(vocab_file=ranks_path or _default_ranks_path(), pattern=QWEN2_PATTERN).tokenizer()
     backend.normalizer = normalizers.NFC()

@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Protocol, Sequence
 
 import numpy as np
+import tiktoken
 
 # Qwen2's pre-tokenisation regex (letters, single digits, punctuation runs, newlines, spaces).
 QWEN2_PATTERN = (
@@ -68,8 +69,6 @@ class QwenTiktokenTokenizer:
     plain text unless ``allow_special`` (data text must never smuggle in ``<|image_pad|>``)."""
 
     def __init__(self, ranks_path: str | None = None):
-        import tiktoken
-
         ranks = _load_ranks(ranks_path or _default_ranks_path())
         if len(ranks) != FIRST_ADDED_ID:
             raise ValueError(f"{ranks_path}: {len(ranks)} BPE ranks, expected {FIRST_ADDED_ID} (qwen.tiktoken)")
@@ -115,7 +114,7 @@ class HFTokenizer:
     tokens must sit at the Qwen3-VL ids, since the model and the encoder use those ids."""
 
     def __init__(self, path: str):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # lazy: transformers is optional (the convert extra)
 
         self.hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         for name in REQUIRED_TOKENS:

@@ -30,7 +30,7 @@ class VideoStreamInfo:
 def import_av(name: str = "video") -> ModuleType:
     """The ``av`` module, or ``BadSample("no_video_decoder")`` saying how to install it."""
     try:
-        import av
+        import av  # lazy: PyAV is optional (the video extra)
     except ImportError as e:
         raise BadSample("no_video_decoder", f"{name}: decoding video files needs PyAV ({e}); run `pip install av` "
                         "(or `pip install qwen3vl[video]`), or store the clip as frames") from None

@@ -27,6 +27,7 @@ import traceback
 
 from qwen3vl.model.interop.hf_checkpoint import EXPERT_LAYOUTS
 from qwen3vl.train.console import filter_known_warnings
+from qwen3vl.train.failure_record import one_line, read_records, report_lines
 
 FAILURE_DIR_ENV = "QWEN3VL_FAILURE_DIR"  # where the ranks of `verify` record why they failed
 
@@ -148,24 +149,23 @@ def run(args: argparse.Namespace) -> None:
     if args.command != "verify":
         with _without_gpu():
             return _convert(args)
-    from qwen3vl.launch.convert_verify import verify_command
+    from qwen3vl.launch.convert_verify import verify_command  # lazy: megatron takes seconds; --help stays instant
 
     verify_command(args)
 
 
 def _convert(args: argparse.Namespace) -> None:
-    # Imported here so `--help` and argument errors stay instant (megatron imports take seconds).
     if args.command == "hf-to-mcore":
-        from qwen3vl.launch.convert_commands import hf_to_mcore
+        from qwen3vl.launch.convert_commands import hf_to_mcore  # lazy: megatron takes seconds; --help stays instant
 
         hf_to_mcore(args.hf, args.out, dtype=args.dtype, workers=args.workers)
     elif args.command == "mcore-to-hf":
-        from qwen3vl.launch.convert_commands import mcore_to_hf
+        from qwen3vl.launch.convert_commands import mcore_to_hf  # lazy: megatron takes seconds; --help stays instant
 
         mcore_to_hf(args.ckpt, args.out, dtype=args.dtype, expert_layout=args.expert_layout,
                     max_shard_bytes=args.max_shard_size, workers=args.workers)
     else:
-        from qwen3vl.launch.convert_assemble import assemble
+        from qwen3vl.launch.convert_assemble import assemble  # lazy: megatron takes seconds; --help stays instant
 
         assemble(args.llm, args.vision, args.out, args.preset, rope_theta=args.rope_theta,
                  mrope_section=args.mrope_section, deepstack_visual_indexes=args.deepstack_visual_indexes,
@@ -179,10 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     of ``$QWEN3VL_FAILURE_DIR`` (made here), and the line names the rank that failed first.
     """
     args = build_parser().parse_args(argv)
-    from qwen3vl.launch.convert_commands import user_errors
-    from qwen3vl.train.failure_record import one_line, read_records, report_lines  # torch: after parsing
-
     filter_known_warnings()  # megatron's apex/TE notes and torch's checkpoint deprecations, as in training
+    from qwen3vl.launch.convert_commands import user_errors  # lazy: megatron takes seconds; --help stays instant
+
     prog, worker = f"qwen3vl-convert {args.command}", getattr(args, "worker", False)
     own_dir = None if worker or FAILURE_DIR_ENV in os.environ else tempfile.mkdtemp(prefix="qwen3vl-convert-")
     if own_dir is not None:
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _end(worker: bool, prog: str, error: Exception, line: str, code: int) -> None:
-    from qwen3vl.train.rank_failure import record_exception
+    from qwen3vl.train.rank_failure import record_exception  # lazy: imports megatron (seconds)
 
     if worker:  # a rank under torchrun: its record tells the parent command
         record_exception(os.environ[FAILURE_DIR_ENV], error)

@@ -20,8 +20,14 @@ import socket
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from omegaconf import OmegaConf
 
+from qwen3vl.model.build import build_model_chunks
+from qwen3vl.model.config import ModelConfigError
 from qwen3vl.model.interop.dist_reader import DistCheckpointReader
+from qwen3vl.model.interop.dist_writer import StreamingSaveStrategy
 from qwen3vl.model.interop.hf_checkpoint import (DEFAULT_MAX_SHARD_BYTES, HF5_LAYOUT, CheckpointMismatchError,
                                                  open_hf_checkpoint, write_hf_checkpoint)
 from qwen3vl.model.interop.hf_config import config_from_hf, config_to_hf
@@ -30,16 +36,16 @@ from qwen3vl.model.interop.mapped_tensors import MappedTensors
 from qwen3vl.model.interop.mcore_checkpoint import (DTYPES, MODEL_KEY, CheckpointArchitecture,
                                                     CheckpointArchitectureError, dtype_name,
                                                     read_checkpoint_architecture, write_checkpoint_architecture)
-from qwen3vl.train.checkpoint import CONFIG_FILE, resolve_checkpoint
+from qwen3vl.model.interop.safetensors_files import SafetensorsError
+from qwen3vl.parallel.groups import destroy_parallel, initialize_parallel
+from qwen3vl.parallel.layout import LayoutError, ParallelLayout
+from qwen3vl.train.checkpoint import CONFIG_FILE, CheckpointError, resolve_checkpoint
+from qwen3vl.train.config import ModelCfg, Qwen3VLTrainConfig
+from qwen3vl.train.config_checks import build_model_config
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "wrong input" (printed as one message, exit 2), not "bug" (traceback)."""
-    from qwen3vl.model.config import ModelConfigError
-    from qwen3vl.model.interop.safetensors_files import SafetensorsError
-    from qwen3vl.parallel.layout import LayoutError
-    from qwen3vl.train.checkpoint import CheckpointError
-
     return (CheckpointMismatchError, CheckpointArchitectureError, CheckpointError, ModelConfigError, LayoutError,
             SafetensorsError, FileNotFoundError, FileExistsError)
 
@@ -55,11 +61,6 @@ def parallel_session(layout=None, device: str = "auto"):
 
     Joins the torchrun job when there is one; otherwise (a plain command line) starts a one-rank group.
     Tears down only what it started, so it also runs inside an existing group (the tests)."""
-    import torch.distributed as dist
-
-    from qwen3vl.parallel.groups import destroy_parallel, initialize_parallel
-    from qwen3vl.parallel.layout import ParallelLayout
-
     started = not dist.is_initialized()
     if started and "WORLD_SIZE" not in os.environ:
         for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())),
@@ -77,8 +78,6 @@ def parallel_session(layout=None, device: str = "auto"):
 @contextlib.contextmanager
 def single_process_parallel():
     """TP = PP = CP = EP = 1 on exactly one process: the layout every converted checkpoint is written in."""
-    import torch.distributed as dist
-
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if world != 1:
         raise RuntimeError("hf-to-mcore and assemble run on a single process; start them without torchrun "
@@ -107,11 +106,6 @@ def new_output_dir(out_dir: str | os.PathLike) -> Path:
 def save_dist_checkpoint(out: Path, source: MappedTensors, dtype: torch.dtype, workers: int = 1) -> None:
     """Write every tensor of ``source`` (our full names) as the megatron dist checkpoint of its model,
     streaming; the model is only built on the meta device for its sharded_state_dict. One process."""
-    from megatron.core import dist_checkpointing  # after the input checks: it takes seconds to import
-
-    from qwen3vl.model.build import build_model_chunks
-    from qwen3vl.model.interop.dist_writer import StreamingSaveStrategy
-
     config = source.config
     with single_process_parallel():
         with torch.device("meta"):  # created there (no memory) and kept there
@@ -167,11 +161,6 @@ def checkpoint_architecture(path: Path) -> CheckpointArchitecture:
     except CheckpointArchitectureError:
         if not (path / CONFIG_FILE).is_file():
             raise
-    from omegaconf import OmegaConf
-
-    from qwen3vl.train.config import ModelCfg, Qwen3VLTrainConfig
-    from qwen3vl.train.config_checks import build_model_config
-
     model = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE).get("model") or {}, resolve=True)
     if "preset" not in model:
         raise CheckpointArchitectureError(f"{path / CONFIG_FILE} has no model.preset: it is not a qwen3vl "

@@ -23,9 +23,22 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
-from qwen3vl.model.interop.hf_checkpoint import CheckpointMismatchError
+from qwen3vl.launch.convert_commands import checkpoint_architecture, free_port, parallel_session
+from qwen3vl.launch.verify_sample import build_verify_sample
+from qwen3vl.model.build import build_model_chunks
+from qwen3vl.model.interop.dist_reader import DistCheckpointReader
+from qwen3vl.model.interop.hf_checkpoint import CheckpointMismatchError, open_hf_checkpoint, read_config
+from qwen3vl.model.interop.hf_config import config_from_hf
+from qwen3vl.model.interop.hf_weights import qwen3vl_mappings
+from qwen3vl.model.interop.mapped_tensors import MappedTensors
+from qwen3vl.model.interop.mcore_checkpoint import DTYPES, architecture_differences
+from qwen3vl.parallel.context_parallel import gathered_key_order, model_inputs
 from qwen3vl.parallel.layout import ParallelLayout
+from qwen3vl.parallel.schedules import forward_backward_func
+from qwen3vl.train.checkpoint import load_weights, resolve_checkpoint
 
 
 def world_size_for(layout: ParallelLayout) -> int:
@@ -41,10 +54,6 @@ def world_size_for(layout: ParallelLayout) -> int:
 
 
 def check_same_architecture(ckpt_config, hf_dir: str) -> None:
-    from qwen3vl.model.interop.hf_checkpoint import read_config
-    from qwen3vl.model.interop.hf_config import config_from_hf
-    from qwen3vl.model.interop.mcore_checkpoint import architecture_differences
-
     differences = [f"{field}: checkpoint {a!r}, HF config.json {b!r}" for field, a, b in
                    architecture_differences(ckpt_config, config_from_hf(read_config(hf_dir)))]
     if differences:
@@ -56,11 +65,6 @@ def check_same_architecture(ckpt_config, hf_dir: str) -> None:
 def weight_differences(hf_dir: str, checkpoint: Path, config) -> tuple[float, str, int]:
     """(largest |checkpoint - HF| over all weights, the HF weight where it is ("" when all are equal),
     weights compared), one mapping at a time."""
-    from qwen3vl.model.interop.dist_reader import DistCheckpointReader
-    from qwen3vl.model.interop.hf_checkpoint import open_hf_checkpoint
-    from qwen3vl.model.interop.hf_weights import qwen3vl_mappings
-    from qwen3vl.model.interop.mapped_tensors import MappedTensors
-
     hf = open_hf_checkpoint(hf_dir)
     ours = MappedTensors(qwen3vl_mappings(config), DistCheckpointReader(checkpoint).read, config, direction="theirs")
     worst, where, count = 0.0, "", 0
@@ -80,10 +84,6 @@ def weight_differences(hf_dir: str, checkpoint: Path, config) -> tuple[float, st
 def _forward_logits(model: torch.nn.Module, inputs, layout: ParallelLayout) -> Optional[torch.Tensor]:
     """One forward through megatron's schedule (any PP); this rank's [T_local, V/TP] logits on the last
     pipeline stage, None elsewhere."""
-    from megatron.core import parallel_state
-
-    from qwen3vl.parallel.schedules import forward_backward_func
-
     model_kwargs = inputs.model_kwargs(with_labels=False)
 
     def forward_step(data_iterator, chunk):
@@ -101,11 +101,6 @@ def _forward_logits(model: torch.nn.Module, inputs, layout: ParallelLayout) -> O
 
 def _gather_logits(local: torch.Tensor, cu_seqlens_padded: torch.Tensor) -> torch.Tensor:
     """[T_local, V/TP] on each TP/CP rank -> [T, V] in row order."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from qwen3vl.parallel.context_parallel import gathered_key_order
-
     tp_group = parallel_state.get_tensor_model_parallel_group()
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(tp_group))]
     dist.all_gather(parts, local.contiguous(), group=tp_group)
@@ -121,15 +116,14 @@ def _gather_logits(local: torch.Tensor, cu_seqlens_padded: torch.Tensor) -> torc
 
 def _is_reporting_rank() -> bool:
     """Exactly one rank: last pipeline stage, first TP/CP/DP rank."""
-    from megatron.core import parallel_state as ps
-
-    return (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_context_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0)
+    return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0)
 
 
 def hf_logits(hf_dir: str, sample, dtype: torch.dtype) -> torch.Tensor:
     """transformers' logits [L, V] for the sample."""
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText  # lazy: transformers is optional (the convert extra)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
@@ -143,15 +137,6 @@ def verify_worker(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1,
                   sequence_parallel: bool = False) -> float:
     """Run on every rank of a job of ``world_size_for(layout)`` ranks (torchrun or the test harness).
     Returns the max |ours - transformers| over the sample's logits, the same value on every rank."""
-    import torch.distributed as dist
-
-    from qwen3vl.launch.convert_commands import checkpoint_architecture, parallel_session
-    from qwen3vl.launch.verify_sample import build_verify_sample
-    from qwen3vl.model.build import build_model_chunks
-    from qwen3vl.model.interop.mcore_checkpoint import DTYPES
-    from qwen3vl.parallel.context_parallel import model_inputs
-    from qwen3vl.train.checkpoint import load_weights, resolve_checkpoint
-
     layout = ParallelLayout(tp=tp, pp=pp, ep=ep, cp=cp, sequence_parallel=sequence_parallel,
                             pipeline_layers=pipeline_layers)
     path = resolve_checkpoint(ckpt)
@@ -162,8 +147,6 @@ def verify_worker(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1,
     batch = sample.packed_batch(config, pad_multiple=layout.sequence_multiple)
     with parallel_session(layout) as world_size:
         layout.validate(world_size, seq_length=batch.seq_length, **config.layout_dims())
-        from megatron.core import parallel_state
-
         # transformers' logits first, its model freed before ours is built (one rank reports).
         reference = hf_logits(hf_dir, sample, compute_dtype) if _is_reporting_rank() else None
         # One chunk: verify runs without virtual pipeline stages.
@@ -186,14 +169,9 @@ def verify_worker(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1,
 
 
 def verify_command(args: argparse.Namespace) -> None:
-    from qwen3vl.launch.convert_commands import free_port
-
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, cp=args.cp)
     world_size = world_size_for(layout)
     if not args.worker:
-        from qwen3vl.launch.convert_commands import checkpoint_architecture
-        from qwen3vl.train.checkpoint import resolve_checkpoint
-
         path = resolve_checkpoint(args.ckpt)
         config = checkpoint_architecture(path).model
         check_same_architecture(config, args.hf)

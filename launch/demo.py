@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwen3vl.train.metrics import METRICS_FILE, plot_loss, read_events, read_metrics
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -64,7 +66,7 @@ def run(cmd: list[str]) -> None:
 
 def mix_override(data_dir: Path) -> str:
     """``data.datasets`` listing the demo corpus's training subsets with the demo's weights (``MIX``)."""
-    from qwen3vl.data.demo import read_manifest  # lazy: it imports torch, which this parent process never needs
+    from qwen3vl.data.demo import read_manifest  # lazy: it imports torch, which this parent process needs only to caption
 
     subsets = read_manifest(data_dir)["subsets"]
     items = ", ".join(f"{{name: {name}, shards: '{subsets[name]['pattern']}', weight: {weight}}}"
@@ -88,8 +90,6 @@ def stage_command(stage: Stage, out: Path, data_dir: Path, nproc: int, init_from
 
 def plot_all_stages(out: Path) -> Path:
     """One loss curve over S0 -> S1 -> S2 (steps numbered on): ``<out>/metrics.jsonl`` and ``<out>/loss.png``."""
-    from qwen3vl.train.metrics import METRICS_FILE, plot_loss, read_events, read_metrics
-
     offset, lines = 0, []
     for stage in STAGES:
         records = read_metrics(out / stage.name)
@@ -107,15 +107,15 @@ def caption_heldout(hf_dir: Path, data_dir: Path, processing: dict, max_new_toke
 
     The images go through the processing the stages trained with (``processing``: ProcessingConfig fields).
     """
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
+    import torch  # lazy: only the final captioning needs torch
+    from transformers import Qwen3VLForConditionalGeneration  # lazy: the convert extra, only for captioning
 
-    from qwen3vl.data.batch import IGNORE_INDEX
-    from qwen3vl.data.demo import read_manifest
-    from qwen3vl.data.encode import SampleEncoder
-    from qwen3vl.data.processing_config import ProcessingConfig
-    from qwen3vl.data.shards import expand_shards, read_shard
-    from qwen3vl.data.tokenizer import load_tokenizer
+    from qwen3vl.data.batch import IGNORE_INDEX  # lazy: only the final captioning needs torch
+    from qwen3vl.data.demo import read_manifest  # lazy: only the final captioning needs torch
+    from qwen3vl.data.encode import SampleEncoder  # lazy: only the final captioning needs torch
+    from qwen3vl.data.processing_config import ProcessingConfig  # lazy: only the final captioning needs torch
+    from qwen3vl.data.shards import expand_shards, read_shard  # lazy: only the final captioning needs torch
+    from qwen3vl.data.tokenizer import load_tokenizer  # lazy: only the final captioning needs torch
 
     manifest = read_manifest(data_dir)
     records = [r for url in expand_shards(manifest["subsets"]["heldout"]["pattern"]) for r in read_shard(url)
@@ -142,7 +142,7 @@ def caption_heldout(hf_dir: Path, data_dir: Path, processing: dict, max_new_toke
 
 def report_captions(results: list[tuple[str, str]]) -> int:
     """Prints each held-out caption with the truth; returns how many state colour, shape and position right."""
-    from qwen3vl.data.demo import parse_caption
+    from qwen3vl.data.demo import parse_caption  # lazy: qwen3vl.data.demo imports torch
 
     correct = 0
     for caption, truth in results:

@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 from qwen3vl.train.config import ConfigError, app_argv, load_config
 from qwen3vl.train.console import filter_known_warnings
 from qwen3vl.launch.failure_report import report_failure
+from qwen3vl.launch.slurm import SlurmJob, sbatch_script, submit
 
 APP_MODULE = "qwen3vl.train.app"
 ELASTIC_MODULE = "qwen3vl.launch.elastic"  # torchrun that records failed ranks instead of printing its frames
@@ -114,7 +115,7 @@ def rank_environment(nproc: int, cuda: Optional[bool] = None) -> dict[str, str]:
     hide any GPU (megatron's CPU backend applies only where none is visible)."""
     env = dict(os.environ)
     if cuda is None:
-        import torch
+        import torch  # lazy: the launcher's parent process imports torch only to probe for a GPU
 
         cuda = torch.cuda.is_available()
     if not cuda:
@@ -215,8 +216,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         final = [o for o in rank_overrides(overrides, cfg.run_dir, cfg.data.demo_dir)
                  if not o.startswith("train.device=")] + [f"train.device={device}"]
         if args.slurm:
-            from qwen3vl.launch.slurm import SlurmJob, sbatch_script, submit
-
             job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpu_ranks_per_node=args.nproc,
                            partition=args.partition,
                            time=args.time, account=args.account, job_name=args.job_name or f"qwen3vl-{cfg.stage}",

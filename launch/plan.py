@@ -24,7 +24,14 @@ import warnings
 from dataclasses import replace
 from typing import Optional, Sequence
 
-from qwen3vl.launch.plan_params import hide_gpus
+from qwen3vl.launch.plan_activations import Recompute
+from qwen3vl.launch.plan_layouts import GPUS, Workload, balanced_split, evaluate, plan_all, with_layout
+from qwen3vl.launch.plan_measure import measure
+from qwen3vl.launch.plan_params import RoleCounter, build_roles, hide_gpus
+from qwen3vl.launch.plan_report import explain, measurement, nothing_fits, table
+from qwen3vl.parallel.layout import ParallelLayout
+from qwen3vl.train.config import ConfigError, compose_recipe, config_from_hydra
+from qwen3vl.train.config_checks import build_model_config, validate
 
 RESERVE_GIB = 6.0  # CUDA context, cuBLAS workspace, NCCL buffers, allocator slack
 
@@ -57,8 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_layout(text: str):
-    from qwen3vl.parallel.layout import ParallelLayout
-
     degrees = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
@@ -73,8 +78,6 @@ def parse_layout(text: str):
 
 
 def _config(args):
-    from qwen3vl.train.config import compose_recipe, config_from_hydra
-
     overrides = [f"model={args.model}"] if args.model else []
     if args.seq_length:
         overrides.append(f"train.seq_length={args.seq_length}")
@@ -82,9 +85,6 @@ def _config(args):
 
 
 def _workload(cfg, args):
-    from qwen3vl.launch.plan_activations import Recompute
-    from qwen3vl.launch.plan_layouts import Workload
-
     t = cfg.train
     return Workload(seq_length=t.seq_length, global_rows=t.global_batch_tokens // t.seq_length,
                     micro_batch_rows=t.micro_batch_rows, visual_fraction=args.visual_fraction,
@@ -93,21 +93,12 @@ def _workload(cfg, args):
 
 
 def _hardware(args):
-    from dataclasses import replace
-
-    from qwen3vl.launch.plan_layouts import GPUS
-
     hw = GPUS[args.gpu]
     return replace(hw, memory_gib=args.gpu_memory_gib) if args.gpu_memory_gib else hw
 
 
 def plan(args) -> tuple[list, object, object, object]:
     """(plans best first, model config, workload, hardware); exits 2 on a bad config or layout."""
-    from qwen3vl.launch.plan_layouts import balanced_split, evaluate, plan_all, with_layout
-    from qwen3vl.launch.plan_params import RoleCounter, build_roles
-    from qwen3vl.train.config import ConfigError
-    from qwen3vl.train.config_checks import build_model_config, validate
-
     cfg = _config(args)
     model = build_model_config(cfg)
     work, hw = _workload(cfg, args), _hardware(args)
@@ -153,8 +144,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(err.code, file=sys.stderr)
             return 2
         raise
-    from qwen3vl.launch.plan_report import explain, table
-
     print(table(plans[:args.top], hw, args.reserve_gib))
     print()
     fits = any(p.fits for p in plans)
@@ -162,9 +151,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(explain(plans, model, work, hw, args.gpus, args.reserve_gib))
     measured = None
     if args.measure:
-        from qwen3vl.launch.plan_measure import measure
-        from qwen3vl.launch.plan_report import measurement
-
         result = measure(model, work.recompute, work.trainable)
         print()
         print(measurement(result))
@@ -178,8 +164,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out["measured"] = measured
         print(json.dumps(out))
     if not fits:  # the error, last: what the user has to change
-        from qwen3vl.launch.plan_report import nothing_fits
-
         print(f"qwen3vl-plan: {nothing_fits(plans, model, work, hw, args.gpus, args.reserve_gib)}", file=sys.stderr)
         return 1
     return 0

@@ -32,6 +32,8 @@ from qwen3vl.launch.plan_activations import Recompute, Row, rank_activations
 from qwen3vl.launch.plan_params import RankParams, RoleCounter
 from qwen3vl.parallel.layout import ParallelLayout
 from qwen3vl.train.flops import FlopDims, peak_tflops, row_flops
+from qwen3vl.train.config import ConfigError
+from qwen3vl.train.config_checks import validate
 from qwen3vl.train.freeze import trainable_parts
 
 GIB = 2 ** 30
@@ -287,9 +289,6 @@ def step_time(model, layout: ParallelLayout, stages: list[int], params: list[Ran
 def plan_all(cfg, model, world_size: int, work: Workload, hw: Hardware, reserve_gib: float,
              counter: RoleCounter) -> list[Plan]:
     """Every valid layout, fitting ones first, each group fastest first."""
-    from qwen3vl.train.config import ConfigError
-    from qwen3vl.train.config_checks import validate
-
     plans = []
     for layout in candidate_layouts(model, world_size, hw.gpus_per_node):
         try:

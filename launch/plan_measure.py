@@ -17,9 +17,16 @@ from typing import Iterator
 
 import torch
 
+from qwen3vl.data.batch import IGNORE_INDEX, IMAGE, TEXT
+from qwen3vl.data.encoded_sample import EncodedSample, PatchRows
+from qwen3vl.data.packing import build_row
+from qwen3vl.data.rope_index import get_rope_index
+from qwen3vl.data.tokenizer import ENDOFTEXT
 from qwen3vl.launch.plan_activations import Recompute, Row, chunk_activations
 from qwen3vl.model.config import Qwen3VLConfig
+from qwen3vl.parallel.groups import destroy_parallel, initialize_parallel
 from qwen3vl.parallel.layout import ParallelLayout
+from qwen3vl.train.freeze import apply_freeze, trainable_parts
 
 IMAGE_SIDE = 32  # patches per side of the measured row's image (1,024 patches, 256 LLM tokens)
 
@@ -65,12 +72,6 @@ def cpu_sized(config: Qwen3VLConfig) -> Qwen3VLConfig:
 
 def _row(config: Qwen3VLConfig, seq_length: int):
     """One packed row: a caption sample with one image, a text sample, tail padding."""
-    from qwen3vl.data.batch import IGNORE_INDEX, IMAGE, TEXT
-    from qwen3vl.data.encoded_sample import EncodedSample, PatchRows
-    from qwen3vl.data.packing import build_row
-    from qwen3vl.data.tokenizer import ENDOFTEXT
-    from qwen3vl.data.rope_index import get_rope_index
-
     generator = torch.Generator().manual_seed(0)
 
     def sample(text: int, image: bool) -> EncodedSample:
@@ -131,10 +132,8 @@ def _count_saved(model: torch.nn.Module, parts: dict[str, torch.nn.Module]) -> I
 def measure(config: Qwen3VLConfig, recompute: Recompute, trainable=("all",), seq_length: int = 1024) -> Measured:
     """One bf16 training step of ``cpu_sized(config)`` with the stage's trainable parts, on this process
     (a one-rank gloo group)."""
-    from qwen3vl.model.build import build_model_chunks
-    from qwen3vl.parallel.context_parallel import model_inputs
-    from qwen3vl.parallel.groups import destroy_parallel, initialize_parallel
-    from qwen3vl.train.freeze import apply_freeze, trainable_parts
+    from qwen3vl.model.build import build_model_chunks  # lazy: megatron takes seconds; only for --measure
+    from qwen3vl.parallel.context_parallel import model_inputs  # lazy: megatron takes seconds; only for --measure
 
     small = cpu_sized(config)
     layout = ParallelLayout()

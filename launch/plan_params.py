@@ -23,8 +23,11 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+# torch's fake backend ships in its testing package; importing it registers the "fake" backend.
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from qwen3vl.model.config import Qwen3VLConfig
+from qwen3vl.parallel import cpu_backend
 from qwen3vl.parallel.layout import ParallelLayout
 from qwen3vl.train.freeze import part_of, trainable_parts
 
@@ -79,11 +82,7 @@ def count_modules(modules: Sequence[torch.nn.Module], trainable: Sequence[str] |
 def fake_world(world_size: int, rank: int, layout: ParallelLayout) -> Iterator[None]:
     """megatron's parallel state for ``layout`` as seen by global rank ``rank`` of ``world_size``, in a
     fake process group (no communication, no memory). Needs a process without torch.distributed."""
-    # torch's fake backend ships in its testing package; importing it registers the "fake" backend.
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from qwen3vl.parallel import cpu_backend
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # lazy: megatron takes seconds; only to build a model
 
     if dist.is_initialized():
         raise RuntimeError("the planner needs a process without torch.distributed (run qwen3vl-plan on its own)")
@@ -102,7 +101,7 @@ def fake_world(world_size: int, rank: int, layout: ParallelLayout) -> Iterator[N
 
 
 def _meta_chunks(config: Qwen3VLConfig, layout: ParallelLayout):
-    from qwen3vl.model.build import build_model_chunks
+    from qwen3vl.model.build import build_model_chunks  # lazy: megatron takes seconds; only to build a model
 
     meta = torch.device("meta")
     with meta:
@@ -159,8 +158,9 @@ class RoleCounter:
             self._build(key, config_fn, layout, layers, pre, post)
             return self._cache[key + ("experts",)]
         if key not in self._cache:
-            from qwen3vl.model.qwen3vl import Qwen3VLModel
-            from qwen3vl.model.transformer_configs import text_transformer_config, vision_transformer_config
+            from qwen3vl.model.qwen3vl import Qwen3VLModel  # lazy: megatron takes seconds; only to build a model
+            from qwen3vl.model.transformer_configs import (  # lazy: megatron takes seconds; only to build a model
+                text_transformer_config, vision_transformer_config)
 
             config = config_fn()
             small = replace(config, text=replace(config.text, num_layers=layers))

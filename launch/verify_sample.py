@@ -16,6 +16,10 @@ import torch
 from PIL import Image
 
 from qwen3vl.data.batch import IGNORE_INDEX, IMAGE, TEXT, VIDEO, PackedBatch
+from qwen3vl.data.image_processing import process_image
+from qwen3vl.data.rope_index import get_rope_index
+from qwen3vl.data.tokenizer import load_tokenizer
+from qwen3vl.data.video_processing import VideoSettings, format_timestamp, process_video
 from qwen3vl.model.config import Qwen3VLConfig
 
 SEED = 20251122
@@ -47,8 +51,6 @@ class VerifySample:
 
     def packed_batch(self, config: Qwen3VLConfig, pad_multiple: int = 1) -> PackedBatch:
         """One packed row holding the sample, padded to ``pad_multiple`` (2·CP, ×TP with SP)."""
-        from qwen3vl.data.rope_index import get_rope_index
-
         L = self.length
         T = -(-L // pad_multiple) * pad_multiple
         positions = get_rope_index(self.input_ids, self.image_grid_thw, self.video_grid_thw,
@@ -76,10 +78,6 @@ def _random_image(rng: np.random.Generator, size: tuple[int, int]) -> Image.Imag
 
 
 def build_verify_sample(config: Qwen3VLConfig) -> VerifySample:
-    from qwen3vl.data.image_processing import process_image
-    from qwen3vl.data.tokenizer import load_tokenizer
-    from qwen3vl.data.video_processing import VideoSettings, format_timestamp, process_video
-
     v = config.vision
     factor = v.patch_size * v.spatial_merge_size
     rng = np.random.default_rng(SEED)

@@ -61,7 +61,7 @@ def core_attention_class(backend: str = "auto") -> Callable[..., MegatronModule]
         support = transformer_engine_support()
         if not support.usable:
             raise ValueError(f"attention backend 'te' cannot be built: {support.reason}. Use 'auto'")
-        from megatron.core.extensions.transformer_engine import TEDotProductAttention  # lazy: imports TE
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention  # lazy: imports TE (optional)
 
         return TEDotProductAttention
     if backend == "varlen" and not varlen_support().usable:  # fail when the spec is built, not in a forward

@@ -100,7 +100,7 @@ def varlen_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     Every block is one varlen "sequence": its queries and its key range are gathered contiguously with the
     plan's indices (a causal context-parallel chunk re-reads its segment's prefix; the flash kernel's
     bottom-right causal alignment then masks exactly as the plan intends)."""
-    from torch.nn.attention.varlen import varlen_attn  # probed by resolve_kernel; absent before torch 2.9
+    from torch.nn.attention.varlen import varlen_attn  # lazy: torch < 2.9 lacks it (resolve_kernel probes it first)
 
     if dropout_p:
         raise ValueError("the varlen kernel has no attention dropout: set attention_dropout=0 or use kernel='sdpa'")

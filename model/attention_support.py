@@ -37,7 +37,7 @@ class KernelSupport:
 def varlen_signature_support() -> KernelSupport:
     """Whether ``torch.nn.attention.varlen.varlen_attn`` exists with the keywords ``varlen_packed`` passes."""
     try:
-        from torch.nn.attention.varlen import varlen_attn
+        from torch.nn.attention.varlen import varlen_attn  # lazy: torch < 2.9 lacks it (this probe says so)
     except ImportError as err:
         return KernelSupport(False, f"torch {torch.__version__} has no torch.nn.attention.varlen ({err})")
     names = tuple(inspect.signature(varlen_attn).parameters)
@@ -79,8 +79,7 @@ def transformer_engine_support() -> KernelSupport:
     """Whether megatron's ``TEDotProductAttention`` can be built: ``transformer_engine.pytorch`` imports with
     its ``DotProductAttention``, and megatron's TE extension found what it needs (its ``HAVE_TE``)."""
     try:
-        # Lazy: transformer-engine is an optional, GPU-only dependency (the 'gpu' extra).
-        import transformer_engine.pytorch as te_pytorch
+        import transformer_engine.pytorch as te_pytorch  # lazy: optional, GPU only (the gpu extra)
     except Exception as err:  # ImportError, or a CUDA library failing to load inside the import
         return KernelSupport(False, f"transformer_engine.pytorch does not import ({type(err).__name__}: {err}); "
                                     "install the 'gpu' extra or use a container that ships transformer-engine")

@@ -27,6 +27,7 @@ import types
 from typing import Any, Callable
 
 import torch
+import torch.distributed
 
 _MEGATRON_PREFIX = "megatron."
 _enabled = False
@@ -234,8 +235,7 @@ def _facade(real: types.ModuleType, overrides: dict[str, Any]) -> types.ModuleTy
 
 
 def _build_replacements() -> None:
-    import torch.distributed
-    from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.tensor_parallel import random as megatron_random  # lazy: keeps the launcher free of megatron
 
     cuda = _facade(torch.cuda, _cuda_overrides())
     distributed = _facade(torch.distributed, _distributed_overrides())

@@ -99,8 +99,9 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234, timeout_s: flo
         raise LayoutError([f"world size {world_size} is not divisible by tp·pp·cp = "
                            f"{layout.model_parallel_size}: use a multiple of it or reduce tp, pp or cp"])
 
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core import parallel_state  # lazy: keeps the launcher free of megatron
+    from megatron.core.tensor_parallel.random import (  # lazy: keeps the launcher free of megatron
+        model_parallel_cuda_manual_seed)
 
     define_router_gemm_fallback()
     if parallel_state.model_parallel_is_initialized():
@@ -125,7 +126,7 @@ def define_router_gemm_fallback() -> None:
     ``te_general_gemm``, which ``moe_utils`` defines only when transformer-engine imports: without TE every
     MoE forward raised NameError, on GPU as on CPU. None selects its torch path. Every run joins through
     ``initialize_parallel``, so it is applied there, before any model exists."""
-    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import moe_utils  # lazy: keeps the launcher free of megatron
 
     vars(moe_utils).setdefault("te_general_gemm", None)
 
@@ -145,8 +146,8 @@ def destroy_parallel(shutdown_distributed: bool = False) -> None:
 
     torch.distributed stays up unless ``shutdown_distributed`` (end of the job).
     """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core import parallel_state  # lazy: keeps the launcher free of megatron
+    from megatron.core.tensor_parallel import random as megatron_random  # lazy: keeps the launcher free of megatron
 
     global _process_device
     parallel_state.destroy_model_parallel()

@@ -25,20 +25,35 @@ import torch.distributed as dist
 
 from qwen3vl.train.console import configure_console, filter_known_warnings
 
-# megatron-core warns while it is imported (by qwen3vl.parallel.micro_batch, through the imports below), on
-# every rank: its known, harmless notes are filtered first (so these imports follow a call, on purpose).
-# main() then quiets the ranks other than 0.
+# megatron-core warns while it is imported (by the imports below), on every rank: its known, harmless notes
+# are filtered first (so these imports follow a call, on purpose). main() then quiets the ranks other than 0.
 filter_known_warnings()
 
-from qwen3vl.parallel.groups import process_device
+from megatron.core import parallel_state as ps
+from megatron.core.enums import ModelType
+from megatron.core.optimizer import OptimizerConfig
+
+from qwen3vl.data.loader import build_loader
+from qwen3vl.data.shards import absolute_pattern
+from qwen3vl.data.trace import TraceWriter, truncate_after, write_datasets
+from qwen3vl.model.build import build_model_chunks
+from qwen3vl.parallel.context_parallel import model_inputs
+from qwen3vl.parallel.groups import destroy_parallel, initialize_parallel, process_device
 from qwen3vl.parallel.micro_batch import MicroBatch
+from qwen3vl.parallel.zero1 import default_ddp_config, wrap_for_training
+from qwen3vl.train.balance import DataParallelBalancer, row_cost
 from qwen3vl.train.checkpoint import TrainState, find_latest, load_checkpoint, load_weights
 from qwen3vl.train.config import Qwen3VLTrainConfig, load_config, parse_app_argv, run_shape, to_dict, to_yaml
+from qwen3vl.train.config_checks import build_model_config
+from qwen3vl.train.evaluate import Evaluator
 from qwen3vl.train.failure_record import failures_dir
+from qwen3vl.train.flops import FlopDims, batch_flops, peak_tflops
 from qwen3vl.train.rank_failure import report_rank_failure
 from qwen3vl.train.freeze import PartLR, apply_freeze, param_group_overrides
 from qwen3vl.train.loop import LoopConfig, LoopHooks, run_training
+from qwen3vl.train.metrics import MetricsWriter
 from qwen3vl.train.schedule import SCHEDULE_FILE, build_scheduler, plan_file_text, plan_of, resume_changes
+from qwen3vl.train.signals import start_helpers_deaf_to_preemption
 
 log = logging.getLogger("qwen3vl.train")
 
@@ -69,10 +84,6 @@ def build_training_chunks(cfg: Qwen3VLTrainConfig, model_config, dtype: torch.dt
                           device: torch.device) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage) as the run's config wants them, on
     ``device``."""
-    from megatron.core.enums import ModelType
-
-    from qwen3vl.model.build import build_model_chunks
-
     chunks = build_model_chunks(model_config, dtype, cfg.parallel.pipeline_layers,
                                 calculate_per_token_loss=True, sequence_parallel=cfg.parallel.sequence_parallel,
                                 cp_comm_type=cfg.parallel.cp_comm_type, device=device,
@@ -85,10 +96,6 @@ def build_training_chunks(cfg: Qwen3VLTrainConfig, model_config, dtype: torch.dt
 
 def build_optimizer(cfg: Qwen3VLTrainConfig, chunks, layout, dtype: torch.dtype):
     """megatron DDP + distributed optimizer (ZeRO-1) with per-part lrs, and the stage's lr schedule."""
-    from megatron.core.optimizer import OptimizerConfig
-
-    from qwen3vl.parallel.zero1 import default_ddp_config, wrap_for_training
-
     o, s = cfg.optim, cfg.schedule
     part_lrs = {part: PartLR(lr, lr * s.min_lr_ratio) for part, lr in asdict(o.lr).items()}
     max_lr = max(lr.max_lr for lr in part_lrs.values())
@@ -108,17 +115,11 @@ def build_optimizer(cfg: Qwen3VLTrainConfig, chunks, layout, dtype: torch.dtype)
 
 def dataset_summary(loader_cfg) -> list[dict]:
     """Each dataset's name, weight and absolute shard pattern: logged once, and in metrics.jsonl's first line."""
-    from qwen3vl.data.shards import absolute_pattern
-
     return [{"name": d.name, "weight": d.weight, "shards": absolute_pattern(d.path)} for d in loader_cfg.datasets]
 
 
 def microbatch_converter(device: torch.device):
     """A packed row -> this CP rank's micro-batch on ``device``."""
-    from megatron.core import parallel_state as ps
-
-    from qwen3vl.parallel.context_parallel import model_inputs
-
     def to_microbatch(batch) -> MicroBatch:
         inputs = model_inputs(batch, cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size())
         return inputs.to(device, non_blocking=True)
@@ -154,8 +155,6 @@ class TrainingSetup:
 
 def build_training(cfg: Qwen3VLTrainConfig) -> TrainingSetup:
     """Model, frozen parts, DDP + ZeRO-1 optimizer and schedule. Needs ``initialize_parallel`` first."""
-    from qwen3vl.train.config_checks import build_model_config
-
     shape = run_shape(cfg, dist.get_world_size())
     device = process_device()
     dtype = dtype_of(cfg, device)
@@ -182,8 +181,6 @@ def loop_config(setup: TrainingSetup) -> LoopConfig:
 def build_evaluator(setup: TrainingSetup, hooks: LoopHooks, metrics=None):
     """The held-out evaluation of ``eval.datasets`` (qwen3vl.train.evaluate) through the loop's own
     micro-batch conversion and model call; None without held-out sets. Collective (the demo corpus)."""
-    from qwen3vl.train.evaluate import Evaluator
-
     cfg = setup.cfg
     if not cfg.eval.datasets:
         return None
@@ -194,11 +191,6 @@ def build_evaluator(setup: TrainingSetup, hooks: LoopHooks, metrics=None):
 
 
 def loop_hooks(setup: TrainingSetup, loader=None, trace=None) -> LoopHooks:
-    from megatron.core import parallel_state as ps
-
-    from qwen3vl.train.balance import DataParallelBalancer, row_cost
-    from qwen3vl.train.flops import FlopDims, batch_flops
-
     dims = FlopDims.from_model_config(setup.model_config)
     trainable = list(setup.cfg.train.trainable)
     balance = None
@@ -217,10 +209,6 @@ def loop_hooks(setup: TrainingSetup, loader=None, trace=None) -> LoopHooks:
 def open_data_trace(cfg: Qwen3VLTrainConfig, loader, start_step: int):
     """``data.trace``: one writer per data-parallel replica (its TP/PP/CP rank 0); rank 0 first drops the
     lines of steps the resumed state has not seen and lists the datasets' shards. Collective."""
-    from megatron.core import parallel_state as ps
-
-    from qwen3vl.data.trace import TraceWriter, truncate_after, write_datasets
-
     if not cfg.data.trace:
         return None
     if dist.get_rank() == 0:
@@ -265,14 +253,6 @@ def resume_or_init(setup: TrainingSetup, loader=None) -> Start:
 
 def train(cfg: Qwen3VLTrainConfig) -> str:
     """Runs the stage described by ``cfg`` on this rank; returns "done" or "preempted". Collective."""
-    from megatron.core import parallel_state as ps
-
-    from qwen3vl.data.loader import build_loader
-    from qwen3vl.parallel.groups import destroy_parallel, initialize_parallel
-    from qwen3vl.train.flops import peak_tflops
-    from qwen3vl.train.metrics import MetricsWriter
-    from qwen3vl.train.signals import start_helpers_deaf_to_preemption
-
     start_helpers_deaf_to_preemption()  # before the data workers, whose semaphores start it otherwise
     device = initialize_parallel(cfg.parallel.layout(), seed=cfg.train.seed, device=device_name(cfg))
     loader = trace = None

@@ -37,6 +37,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+from megatron.core.transformer.module import Float16Module
 
 from qwen3vl.model.interop.mcore_checkpoint import (MODEL_CONFIG_FILE, architecture_differences, architecture_json,
                                                     read_checkpoint_architecture)
@@ -140,8 +145,6 @@ def _barrier() -> None:
 
 
 def _layout_signature() -> dict[str, int]:
-    from megatron.core import parallel_state as ps
-
     return {
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "tp": ps.get_tensor_model_parallel_world_size(),
@@ -157,8 +160,6 @@ def _layout_signature() -> dict[str, int]:
 def capture_rng_state() -> dict[str, Any]:
     """Every generator a training step can draw from on this rank (python, numpy, torch, CUDA, and
     megatron's model-parallel RNG tracker)."""
-    from megatron.core import tensor_parallel
-
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -171,8 +172,6 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -185,9 +184,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     """megatron's DDP wrapper and Float16Module hold the real model in ``.module``."""
-    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
-    from megatron.core.transformer.module import Float16Module
-
     while isinstance(chunk, (_BaseDataParallel, Float16Module)):
         chunk = chunk.module
     return chunk
@@ -208,9 +204,6 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState | 
                         *, is_loading: bool, with_optimizer: bool, with_rank_state: bool,
                         all_loader_states: int | None = None,
                         optimizer_key_prefixes: Sequence[str] | None = None) -> dict[str, Any]:
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     sd = _model_sharded_state_dict(model_chunks)
     if with_optimizer and optimizer is not None:
         sd["optimizer"] = optimizer_shards.sharded_state_dict(optimizer, dict(sd), optimizer_key_prefixes)
@@ -263,8 +256,6 @@ def save_checkpoint(
     commit happens when the saver finds every rank's writer done (its ``poll`` / ``wait``); the state is
     captured now, so training may continue at once.
     """
-    from megatron.core import dist_checkpointing
-
     if async_saver is not None:
         async_saver.wait()  # the previous save commits first: it is the one remove_uncommitted must keep
     target = iteration_dir(run_dir, state.step)
@@ -371,8 +362,6 @@ def load_checkpoint(
 ) -> LoadResult:
     """Full resume: model, optimizer, scheduler, counters; RNG and loader state when the layout is the
     one they were saved under. ``path``: a run directory or a checkpoint directory. Collective."""
-    from megatron.core import dist_checkpointing
-
     ckpt = resolve_checkpoint(path)
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
     saved_layout = dict(common.get("layout", {}))
@@ -460,8 +449,6 @@ def _restore_group_settings(optimizer, group_settings: list[list[dict]]) -> None
 def load_weights(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Module]) -> Path:
     """Weights only (stage hand-off ``init_from``), under any layout: no optimizer, scheduler,
     counters, RNG or loader state. Collective."""
-    from megatron.core import dist_checkpointing
-
     ckpt = resolve_checkpoint(path)
     _warn_on_other_architecture(ckpt, model_chunks)
     loaded = dist_checkpointing.load(_model_sharded_state_dict(model_chunks), str(ckpt))

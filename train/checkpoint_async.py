@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from typing import Callable
 
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
 
 class AsyncSaver:
     """The background writer of one training run; every method is collective (call it on all ranks)."""
 
     def __init__(self) -> None:
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
         # A forked writer per save (megatron's TemporalAsyncCaller): no persistent worker to keep alive.
         self._queue = AsyncCallsQueue(persistent=False)
 

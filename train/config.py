@@ -18,11 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from qwen3vl.parallel.layout import ParallelLayout
 from qwen3vl.train import config_paths
+from qwen3vl.train.schedule import plan_of
 
 SCHEMA_NAME = "qwen3vl_train_schema"
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -128,10 +132,9 @@ class DataCfg:
     def loader_config(self):
         """This section as the loader's ``LoaderConfig``; ``shards: demo`` is the demo corpus (built on first
         use, by rank 0)."""
-        # Lazy: the data pipeline imports torch, and configs are read (launcher, checks) without it.
-        from qwen3vl.data.demo import demo_datasets
-        from qwen3vl.data.loader import DatasetSpec, LoaderConfig
-        from qwen3vl.data.processing_config import ProcessingConfig
+        from qwen3vl.data.demo import demo_datasets  # lazy: imports torch; the launcher reads configs
+        from qwen3vl.data.loader import DatasetSpec, LoaderConfig  # lazy: imports torch; the launcher reads configs
+        from qwen3vl.data.processing_config import ProcessingConfig  # lazy: imports torch; the launcher reads configs
 
         datasets = []
         for d in self.datasets:
@@ -167,9 +170,9 @@ class EvalCfg:
     def eval_sets(self, data: "DataCfg", seq_length: int, pad_multiple: int) -> list:
         """Each dataset as a ``qwen3vl.data.eval_set.EvalSet`` packed like ``data``'s loader at
         ``seq_length``."""
-        from qwen3vl.data.demo import demo_heldout  # lazy: the data pipeline imports torch
-        from qwen3vl.data.eval_set import EvalSet
-        from qwen3vl.data.loader import DatasetSpec
+        from qwen3vl.data.demo import demo_heldout  # lazy: imports torch; the launcher reads configs
+        from qwen3vl.data.eval_set import EvalSet  # lazy: imports torch; the launcher reads configs
+        from qwen3vl.data.loader import DatasetSpec  # lazy: imports torch; the launcher reads configs
 
         base = data.loader_config()
         specs = [demo_heldout(data.demo_dir, d.name) if d.shards == "demo" else DatasetSpec(d.shards, 1.0, d.name)
@@ -287,8 +290,6 @@ class RunShape:
 
 def run_shape(cfg: Qwen3VLTrainConfig, world_size: int) -> RunShape:
     """Derived sizes; assumes ``validate`` passed."""
-    from qwen3vl.train.schedule import plan_of  # lazy: schedule imports this module (its config types)
-
     layout, t = cfg.parallel.layout(), cfg.train
     dp = layout.dp(world_size)
     rows = t.global_batch_tokens // t.seq_length
@@ -325,10 +326,6 @@ def available_recipes() -> list[str]:
 
 def compose_recipe(recipe: str, overrides: Sequence[str] = ()) -> DictConfig:
     """The recipe composed with Hydra (schema, config groups, command-line overrides), unresolved."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     config_dir, name = _recipe_location(recipe)
     extra = [] if config_dir == RECIPES_DIR else [f"hydra.searchpath=[file://{RECIPES_DIR}]"]
     try:
@@ -347,8 +344,6 @@ def config_from_hydra(cfg: DictConfig, saved_in: Optional[Path] = None,
 
     ``saved_in``: the run directory of a saved config used as the recipe; its relative paths (except
     the ``overridden`` keys) resolve against it instead of the working directory."""
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Qwen3VLTrainConfig), cfg)
         OmegaConf.resolve(merged)
@@ -379,7 +374,7 @@ def load_config(recipe: str, overrides: Sequence[str] = (), world_size: Optional
 
 def validate(cfg: Qwen3VLTrainConfig, world_size: int, *, check_paths: bool = True) -> Qwen3VLTrainConfig:
     """Every check that needs no process group; see ``qwen3vl.train.config_checks.validate``."""
-    from qwen3vl.train.config_checks import validate as _validate
+    from qwen3vl.train.config_checks import validate as _validate  # lazy: an import cycle (it imports this module)
 
     return _validate(cfg, world_size, check_paths=check_paths)
 

@@ -11,6 +11,7 @@ from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from qwen3vl.model.presets import get_preset
 from qwen3vl.parallel.layout import ALL_GATHER_CP_COMM_TYPES, CP_COMM_TYPES
 from qwen3vl.train.config import (TRAINABLE_PARTS, ConfigError, Qwen3VLTrainConfig, run_shape)
 from qwen3vl.train.schedule import horizon, resume_problems
@@ -53,8 +54,6 @@ def validate(cfg: Qwen3VLTrainConfig, world_size: int, *, check_paths: bool = Tr
 # --- model ---------------------------------------------------------------------------------------------
 def build_model_config(cfg: Qwen3VLTrainConfig) -> Any:
     """The architecture (``qwen3vl.model.config.Qwen3VLConfig``): the preset with ``model.overrides``."""
-    from qwen3vl.model.presets import get_preset
-
     model = get_preset(cfg.model.preset)
     for dotted, value in _flatten(cfg.model.overrides):
         model = _override(model, dotted.split("."), value, dotted)
@@ -115,8 +114,7 @@ def _layout_problems(cfg: Qwen3VLTrainConfig, model: Any, world_size: int) -> li
 
 
 def _transformer_engine_available() -> bool:
-    # Lazy: it imports torch and megatron, which config validation (the launcher, login nodes) otherwise avoids.
-    from qwen3vl.model.attention import transformer_engine_available
+    from qwen3vl.model.attention import transformer_engine_available  # lazy: megatron; the launcher checks without it
 
     return transformer_engine_available()
 
@@ -245,7 +243,7 @@ def _optim_problems(cfg: Qwen3VLTrainConfig) -> list[str]:
 
 # --- data --------------------------------------------------------------------------------------------
 def _data_problems(cfg: Qwen3VLTrainConfig, check_paths: bool) -> list[str]:
-    from qwen3vl.data.dataset_errors import ON_EMPTY_DATASET  # lazy like the shard checks: webdataset imports torch
+    from qwen3vl.data.dataset_errors import ON_EMPTY_DATASET  # lazy: webdataset imports torch (launcher checks)
 
     d, found = cfg.data, []
     if not d.datasets:
@@ -295,7 +293,7 @@ def _eval_problems(cfg: Qwen3VLTrainConfig, check_paths: bool) -> list[str]:
 
 
 def _shard_problems(index: int, name: str, shards: str, section: str = "data.datasets") -> list[str]:
-    from qwen3vl.data.shards import expand_shards, is_local
+    from qwen3vl.data.shards import expand_shards, is_local  # lazy: webdataset imports torch (launcher checks)
 
     where = f"{section}[{index}] ({name}) shards={shards}"
     try:
@@ -312,7 +310,7 @@ def _shard_problems(index: int, name: str, shards: str, section: str = "data.dat
 
 
 def _processing_problems(cfg: Qwen3VLTrainConfig) -> list[str]:
-    from qwen3vl.data.processing_config import ProcessingConfig
+    from qwen3vl.data.processing_config import ProcessingConfig  # lazy: imports torch (launcher checks)
 
     known = {f.name for f in fields(ProcessingConfig)}
     unknown = sorted(set(cfg.data.processing) - known)

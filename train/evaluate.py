@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 
 from qwen3vl.train.loss import make_loss_func, report_sums
 from qwen3vl.train.step import RunModel, run_schedule
@@ -68,8 +70,6 @@ class Evaluator:
         return results
 
     def evaluate(self, eval_set) -> EvalResult:
-        from megatron.core import parallel_state as ps
-
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         # Row 0 is kept by every rank: the shape of the micro-batches that only fill the schedule.
         total, kept = eval_set.rows(keep=lambda i: i % dp == dp_rank or i == 0)
@@ -107,8 +107,6 @@ def _ratio(num: float, den: float) -> float:
 @contextmanager
 def _evaluation_mode(model_chunks: Sequence[torch.nn.Module]):
     """Eval mode and no autograd for the duration; the training mode and every RNG state restored after."""
-    from megatron.core import tensor_parallel
-
     was_training = [chunk.training for chunk in model_chunks]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None

@@ -189,7 +189,7 @@ def peak_tflops(device_name: Optional[str] = None, precision: str = "bf16") -> O
     if precision != "bf16":
         return None
     if device_name is None:
-        import torch
+        import torch  # lazy: the demo's parent process imports this (via train.metrics) without torch
 
         if not torch.cuda.is_available():
             return None
@@ -204,7 +204,7 @@ def mfu(model_flops_per_s_per_gpu: float, peak: Optional[float]) -> Optional[flo
 
 def peak_memory_bytes() -> int:
     """This rank's peak memory: allocated GPU memory with CUDA, else the process's peak RSS."""
-    import torch
+    import torch  # lazy: the demo's parent process imports this (via train.metrics) without torch
 
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
@@ -214,8 +214,8 @@ def peak_memory_bytes() -> int:
 def peak_memory_per_rank() -> list[float]:
     """Every rank's peak memory in GiB, in rank order (collective when torch.distributed is initialised;
     call it on all ranks and pass the result to the metrics line as ``peak_memory_gib``)."""
-    import torch
-    import torch.distributed as dist
+    import torch  # lazy: the demo's parent process imports this (via train.metrics) without torch
+    import torch.distributed as dist  # lazy: the demo's parent process imports this (via train.metrics) without torch
 
     mine = torch.tensor([peak_memory_bytes() / 2 ** 30], dtype=torch.float64)
     if not dist.is_available() or not dist.is_initialized():

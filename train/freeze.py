@@ -81,8 +81,9 @@ def param_group_overrides(part_lrs: dict[str, PartLR]) -> dict:
     Overrides matching the same parameter are merged by megatron, so a norm of the merger gets the
     merger's lrs *and* ``wd_mult=0``.
     """
-    from megatron.core.optimizer import ParamKey
-    from megatron.core.optimizer.optimizer_config import ParamWithNamePredicate
+    from megatron.core.optimizer import ParamKey  # lazy: qwen3vl-plan imports this module without megatron
+    from megatron.core.optimizer.optimizer_config import (  # lazy: qwen3vl-plan imports this without megatron
+        ParamWithNamePredicate)
 
     unknown = set(part_lrs) - set(PARTS)
     if unknown:

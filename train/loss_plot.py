@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from PIL import Image, ImageDraw, ImageFont
+
 PLOT_FILE = "loss.png"
 
 
@@ -85,7 +87,7 @@ def plot_loss(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) 
     points, starts = _load_points(run_dir)
     evals = eval_points(run_dir)
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  # lazy: matplotlib is optional (PIL draws without it)
     except ImportError:
         _draw_with_pil(points, starts, out, title=f"loss - {run_dir.name}", evals=evals)
     else:
@@ -95,10 +97,10 @@ def plot_loss(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) 
 
 def _draw_with_matplotlib(points: list[tuple[int, float]], starts: list[tuple[int, str]], out: Path,
                           title: str, evals: dict[str, list[tuple[int, float]]] | None = None) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is optional and heavy, only for plots
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: optional, and only after matplotlib.use("Agg")
 
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
     if points:
@@ -126,8 +128,6 @@ def _cycle(colours):
 
 def _draw_with_pil(points: list[tuple[int, float]], starts: list[tuple[int, str]], out: Path, title: str,
                    evals: dict[str, list[tuple[int, float]]] | None = None) -> None:
-    from PIL import Image, ImageDraw, ImageFont
-
     width, height = 900, 500
     left, right, top, bottom = 80, 30, 50, 60
     image = Image.new("RGB", (width, height), "white")

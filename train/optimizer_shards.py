@@ -32,6 +32,7 @@ from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 import torch
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
@@ -202,8 +203,6 @@ def key_prefixes(checkpoint_dir: str, optimizer) -> list[str] | None:
     """The 'chained_<i>.' key prefixes of a checkpoint written by megatron's own fully_reshardable save of
     a chained optimizer (MoE), or None when its keys have none; such a checkpoint loads only into an
     optimizer split into as many parts."""
-    from megatron.core import dist_checkpointing
-
     keys = dist_checkpointing.load_tensors_metadata(checkpoint_dir).keys()
     found = sorted({k.split(".", 1)[0] for k in keys if k.startswith("chained_") and f".{_PREFIX}." in f".{k}"})
     if not found:

@@ -74,7 +74,8 @@ def plan_of(cfg) -> SchedulePlan:
 def build_scheduler(optimizer, plan: SchedulePlan, weight_decay: float):
     """megatron's OptimizerParamScheduler for ``plan``; per-part peaks come from the param groups'
     max_lr/min_lr (qwen3vl.train.freeze), the scheduler's own max_lr is the largest of them."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.optimizer_param_scheduler import (  # lazy: config checks (launcher) run without megatron
+        OptimizerParamScheduler)
 
     max_lr = max(plan.peak_lr.values())
     wsd = dict(wsd_decay_steps=plan.wsd_decay_steps, lr_wsd_decay_style="linear") if plan.decay_style == "wsd" else {}
@@ -106,7 +107,7 @@ def resume_changes(cfg, checkpoint_dir: Optional[Path]) -> tuple[Optional[Schedu
 
 def resume_problems(cfg) -> list[str]:
     """Config problems of resuming ``cfg.run_dir`` under ``cfg`` (empty without a checkpoint or with replan)."""
-    from qwen3vl.train.checkpoint import CheckpointError, find_latest
+    from qwen3vl.train.checkpoint import CheckpointError, find_latest  # lazy: megatron; config checks run without it
 
     try:
         latest = find_latest(cfg.run_dir)

@@ -29,7 +29,7 @@ def start_helpers_deaf_to_preemption(signals: tuple[signal.Signals, ...] = PREEM
     started this way it keeps running and the job log stays clean. Call before any worker starts; no-op
     where there is no tracker (Windows) or one already runs."""
     try:
-        from multiprocessing import resource_tracker
+        from multiprocessing import resource_tracker  # lazy: not on every platform (Windows has no tracker)
     except ImportError:
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)

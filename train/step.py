@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from qwen3vl.parallel.micro_batch import MicroBatch
 from qwen3vl.train.loss import all_reduce_sum, make_loss_func, reduce_reports, step_normalizer
@@ -41,8 +43,6 @@ class StepResult:
 
 
 def _groups():
-    from megatron.core import parallel_state as ps
-
     return ps.get_data_parallel_group(with_context_parallel=True), ps.get_pipeline_model_parallel_group()
 
 
@@ -100,8 +100,6 @@ def run_schedule(model_chunks: Sequence[torch.nn.Module], microbatches: Sequence
     (virtual stage); by default the items are ``microbatches``. ``microbatches`` give the schedule its one
     length (``schedule_length``): evaluation passes (packed row, counted) pairs as items, one micro-batch
     per row length, and makes each item's micro-batch as its forward runs."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     items = list(microbatches if items is None else items)
     # Every model chunk (virtual stage) walks the same micro-batches.
     iterators = [iter(list(items)) for _ in model_chunks]
@@ -136,7 +134,5 @@ def current_lr(optimizer) -> float | None:
 
 def global_counts(local: Sequence[float]) -> list[float]:
     """Sums per-DP-replica counts (samples, tokens) over the pure DP group: each replica once."""
-    from megatron.core import parallel_state as ps
-
     t = all_reduce_sum(torch.tensor(list(local), dtype=torch.float64), ps.get_data_parallel_group())
     return [float(x) for x in t]

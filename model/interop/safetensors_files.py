@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+from safetensors import safe_open
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -61,8 +62,6 @@ def stored_dtype(specs: Iterable[TensorSpec]) -> torch.dtype:
 
 
 def _file_specs(path: Path) -> dict[str, TensorSpec]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         specs = {}
         for name in f.keys():
@@ -96,8 +95,6 @@ def read_index(directory: str | os.PathLike) -> dict[str, TensorSpec]:
 
 def read_tensor(directory: str | os.PathLike, spec: TensorSpec) -> torch.Tensor:
     """One tensor, read on its own (see the module docstring for why the file is reopened)."""
-    from safetensors import safe_open
-
     with safe_open(str(Path(directory) / spec.file), framework="pt") as f:
         return f.get_tensor(spec.name)
 

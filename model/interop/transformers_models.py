@@ -28,7 +28,7 @@ MODEL_CLASSES = {
 
 def transformers_config_and_class(hf: dict[str, Any]) -> tuple[Any, type]:
     """transformers' config object (legacy keys upgraded by it) and model class for a config.json dict."""
-    import transformers
+    import transformers  # lazy: transformers is optional (the convert extra)
 
     model_type = hf.get("model_type")
     if model_type not in MODEL_CLASSES:
