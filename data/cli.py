@@ -3,7 +3,7 @@
     qwen3vl-data build --llava FILE.json --image-root DIR --out DIR [--samples-per-shard N | --bytes-per-shard N]
     qwen3vl-data build --jsonl FILE.jsonl --out DIR
     qwen3vl-data build --image-folder DIR --out DIR
-    qwen3vl-data demo --out DIR [--seed S]
+    qwen3vl-data demo --out DIR [--seed S] [--captions N]
     qwen3vl-data inspect SHARDS... [--json]
     qwen3vl-data bench [--seq-length 8192] [--json]
     qwen3vl-data trace-summary RUN_DIR [--json]
@@ -54,7 +54,7 @@ def _build(args) -> dict:
 def _demo(args) -> dict:
     from qwen3vl.data.demo import write_demo  # lazy: imports torch; --help stays instant
 
-    manifest = write_demo(args.out, seed=args.seed)
+    manifest = write_demo(args.out, seed=args.seed, captions=args.captions)
     for name, subset in manifest["subsets"].items():
         print(f"{name:12s} {subset['samples']:5d} samples  {subset['pattern']}")
     print(f"held-out combinations for the final captioning check: {len(manifest['heldout'])}; "
@@ -114,6 +114,8 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="write the small learnable demo corpus (shapes, videos, documents)")
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--captions", type=int, default=240,
+                   help="captioned pictures (spread evenly over the training combinations; more generalise better)")
     d.set_defaults(run=_demo)
 
     i = sub.add_parser("inspect", help="counts, histograms and skipped samples of shards")
