@@ -86,6 +86,12 @@ def test_demo_then_inspect(tmp_path, capsys):
     assert any(line.startswith("skipped: none") for line in text)
 
 
+def test_demo_captions_sets_the_number_of_captioned_pictures(tmp_path, capsys):
+    _, manifest = run(capsys, "demo", "--out", str(tmp_path), "--captions", "100", "--json")
+    assert manifest["subsets"]["caption"]["samples"] == 100
+    assert manifest["subsets"]["heldout"]["samples"] == 9  # the held-out split does not grow with it
+
+
 def test_inspect_reports_skipped_samples_by_reason(tmp_path, capsys):
     from qwen3vl.data.shards import ShardWriter
 
