@@ -1,0 +1,112 @@
+"""CPU timing of one forward + backward when only the labelled rows reach the output layer (the model's loss
+path) against projecting every row onto the vocabulary and masking the loss afterwards (what the model did
+before, and what megatron's GPT model does), on the same model and the same packed row, in one process
+(world size 1, gloo).
+
+    python benchmarks/output_rows_bench.py --hidden 256 --image 448 --caption-tokens 40 --samples 8
+
+The row is ``--samples`` caption samples (one ``--image`` picture, then ``--caption-tokens`` of text with a
+label each): S0's kind of data, where the visual tokens, which have no label, are most of the row. Both
+losses are checked to agree first; then the steps are interleaved, the order swapped every round, and the
+medians compared. The last line printed is ``ratio=<labelled rows / all rows>``.
+Not a test: timings depend on the machine (results and machine go in docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from megatron.core import tensor_parallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))  # qwen3vl_testing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # model_bench
+
+from model_bench import CLOCKS, bench_config  # noqa: E402
+
+from qwen3vl.model.build import build_model_chunks  # noqa: E402
+from qwen3vl.parallel.context_parallel import model_inputs  # noqa: E402
+from qwen3vl.parallel.groups import destroy_parallel, initialize_parallel  # noqa: E402
+from qwen3vl.parallel.layout import ParallelLayout  # noqa: E402
+from qwen3vl_testing.model_cases import SampleBuilder, pack_samples  # noqa: E402
+
+LOSS_TOL = 1e-5  # relative: the same cross entropy over the same rows, summed in another order
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=256, help="LLM hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="LLM layers")
+    parser.add_argument("--vit-depth", type=int, default=2, help="ViT blocks")
+    parser.add_argument("--vit-hidden", type=int, default=256, help="ViT hidden size")
+    parser.add_argument("--vocab", type=int, default=151936, help="vocabulary (the released one by default)")
+    parser.add_argument("--image", type=int, default=448, help="each sample's picture side in pixels (x32)")
+    parser.add_argument("--caption-tokens", type=int, default=40, help="each sample's labelled text tokens")
+    parser.add_argument("--samples", type=int, default=8, help="caption samples packed into the row")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per path (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
+    args = parser.parse_args()
+    if args.image % 32:
+        parser.error("--image must be a multiple of 32 (16-pixel patches merged 2 x 2)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    initialize_parallel(ParallelLayout())
+    config = bench_config(args.hidden, args.layers, args.vit_depth, args.vit_hidden, args.vocab)
+    patches = args.image // config.vision.patch_size
+    samples = [SampleBuilder(config, seed=i).image(patches, patches).text(args.caption_tokens).build()
+               for i in range(args.samples)]
+    inputs = model_inputs(pack_samples(samples))
+    labelled = int((inputs.labels >= 0).sum())
+    [model] = build_model_chunks(config, moe_aux_loss_coeff=0.0)
+    model.train()
+    kwargs = inputs.model_kwargs()
+
+    def labelled_rows() -> float:
+        loss = model(**kwargs).sum() / labelled
+        loss.backward()
+        return loss.item()
+
+    def all_rows() -> float:
+        labels = kwargs["labels"]
+        logits = model(**{**kwargs, "labels": None})  # [T, V]: every row projected
+        ignored = labels < 0
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.unsqueeze(1),
+                                                                 labels.masked_fill(ignored, 0).unsqueeze(1))
+        loss = per_token.squeeze(1).float().masked_fill(ignored, 0.0).sum() / labelled
+        loss.backward()
+        return loss.item()
+
+    paths = {"labelled rows": labelled_rows, "all rows": all_rows}
+
+    def run(name: str) -> tuple[float, float]:
+        model.zero_grad(set_to_none=True)
+        start = CLOCKS[args.clock]()
+        loss = paths[name]()
+        return CLOCKS[args.clock]() - start, loss
+
+    print(f"config: hidden {args.hidden}, layers {args.layers}, ViT depth {args.vit_depth} x {args.vit_hidden}, "
+          f"vocab {args.vocab}; row: {args.samples} x ({args.image}x{args.image} image + {args.caption_tokens} "
+          f"text) = {inputs.labels.numel()} tokens, {labelled} labelled; threads {torch.get_num_threads()}")
+    (_, a), (_, b) = run("labelled rows"), run("all rows")  # warm-up, and the loss check
+    if abs(a - b) > LOSS_TOL * abs(b):
+        raise SystemExit(f"losses disagree: labelled rows {a:.7f} vs all rows {b:.7f}; not timing")
+    print(f"loss: labelled rows {a:.7f}  all rows {b:.7f}")
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for i in range(args.repeats):
+        for name in (tuple(paths) if i % 2 == 0 else tuple(reversed(paths))):
+            times[name].append(run(name)[0])
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in times.items():
+        print(f"{name:>14}: {args.clock} median {medians[name] * 1e3:.0f} ms  "
+              f"(min {min(t) * 1e3:.0f}, max {max(t) * 1e3:.0f}, n={len(t)})")
+    destroy_parallel(shutdown_distributed=True)
+    print(f"ratio={medians['labelled rows'] / medians['all rows']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
