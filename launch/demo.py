@@ -51,8 +51,6 @@ MIX = {"caption": 12.0, "interleaved": 2.0, "video": 1.0, "text": 1.0}
 CAPTIONS = 2400
 S1_LR = ("optim.lr.llm=2e-3", "optim.lr.merger=2e-3", "optim.lr.vision=5e-3")
 STAGES = (
-    # S2 (below) is there to run the stage under context parallelism (one 2,048-token row split over the two
-    # ranks per micro-batch), not to teach more: 4 short steps at a low rate.
     # S0: the LLM is random here (the demo has no pretrained parts), so aligning the mergers to it teaches
     # little: a short stage, to run it.
     Stage("s0_align", "stage0_align", 10, 1024, 4096, ("optim.lr.merger=3e-3",)),
@@ -63,6 +61,8 @@ STAGES = (
     # 2e-3 for it, the shape wrong in all five misses; 7/9 with 5e-3; docs/benchmarks.md).
     Stage("s1_mm", "stage1_mm", 400, 512, 1024, ("parallel.tp=1", "parallel.sequence_parallel=false",
                                                  "schedule.decay_style=wsd", *S1_LR)),
+    # S2: there to run the stage under context parallelism (one 2,048-token row split over the two ranks per
+    # micro-batch), not to teach more: 4 short steps at a low rate.
     Stage("s2_long", "stage2_32k", 4, 2048, 4096, ("parallel.tp=1", "parallel.cp=2", "parallel.sequence_parallel=false",
                                                    "optim.lr.llm=2e-4", "optim.lr.merger=2e-4", "optim.lr.vision=2e-4")),
 )
