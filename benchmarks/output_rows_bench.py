@@ -61,6 +61,10 @@ def main() -> None:
     samples = [SampleBuilder(config, seed=i).image(patches, patches).text(args.caption_tokens).build()
                for i in range(args.samples)]
     inputs = model_inputs(pack_samples(samples))
+    # As the sample encoder labels a caption: no loss at the visual tokens or on predicting one (the test
+    # builder labels every next token).
+    visual_ids = torch.tensor([config.image_token_id, config.vision_start_token_id, config.vision_end_token_id])
+    inputs.labels.masked_fill_((inputs.visual_index >= 0) | torch.isin(inputs.labels, visual_ids), -100)
     labelled = int((inputs.labels >= 0).sum())
     [model] = build_model_chunks(config, moe_aux_loss_coeff=0.0)
     model.train()
