@@ -70,6 +70,21 @@ class Contender:
         return clock() - start, loss
 
 
+def time_interleaved(contenders: tuple[Contender, Contender], repeats: int, clock: str) -> dict[str, float]:
+    """Times ``repeats`` steps of each contender, alternating who goes first (so neither always runs right
+    after the other's allocations); prints each one's median, min and max and returns the medians by name."""
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for i in range(repeats):
+        for contender in contenders if i % 2 == 0 else contenders[::-1]:
+            times[contender.name].append(contender.run(CLOCKS[clock])[0])
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    width = max(len(name) for name in times)
+    for name, t in times.items():
+        print(f"{name:>{width}}: {clock} median {medians[name] * 1e3:.0f} ms  "
+              f"(min {min(t) * 1e3:.0f}, max {max(t) * 1e3:.0f}, n={len(t)})")
+    return medians
+
+
 def build_contenders(config: Qwen3VLConfig, image: int, text_tokens: int) -> tuple[Contender, Contender, int]:
     from qwen3vl.model.build import build_model_chunks
     from qwen3vl.model.interop.hf_reference import build_hf_model
@@ -150,15 +165,7 @@ def main() -> None:
         raise SystemExit(f"losses disagree: ours {loss_ours:.6f} vs transformers {loss_ref:.6f}; not timing")
     print(f"loss: ours {loss_ours:.6f}  transformers {loss_ref:.6f}")
 
-    times: dict[str, list[float]] = {ours.name: [], reference.name: []}
-    for i in range(args.repeats):
-        # Alternate who goes first, so neither always runs right after the other's allocations.
-        for contender in (ours, reference) if i % 2 == 0 else (reference, ours):
-            times[contender.name].append(contender.run(CLOCKS[args.clock])[0])
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    for name, t in times.items():
-        print(f"{name:>13}: {args.clock} median {medians[name] * 1e3:.0f} ms  "
-              f"(min {min(t) * 1e3:.0f}, max {max(t) * 1e3:.0f}, n={len(t)})")
+    medians = time_interleaved((ours, reference), args.repeats, args.clock)
     destroy_parallel(shutdown_distributed=True)
     print(f"ratio={medians[ours.name] / medians[reference.name]:.3f}")
 

@@ -14,9 +14,7 @@ Not a test: timings depend on the machine (results and machine go in docs/benchm
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ from megatron.core import tensor_parallel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))  # qwen3vl_testing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # model_bench
 
-from model_bench import CLOCKS, bench_config  # noqa: E402
+from model_bench import CLOCKS, Contender, bench_config, time_interleaved  # noqa: E402
 
 from qwen3vl.model.build import build_model_chunks  # noqa: E402
 from qwen3vl.parallel.context_parallel import model_inputs  # noqa: E402
@@ -85,32 +83,18 @@ def main() -> None:
         loss.backward()
         return loss.item()
 
-    paths = {"labelled rows": labelled_rows, "all rows": all_rows}
-
-    def run(name: str) -> tuple[float, float]:
-        model.zero_grad(set_to_none=True)
-        start = CLOCKS[args.clock]()
-        loss = paths[name]()
-        return CLOCKS[args.clock]() - start, loss
+    selected, every = Contender("labelled rows", labelled_rows, model), Contender("all rows", all_rows, model)
 
     print(f"config: hidden {args.hidden}, layers {args.layers}, ViT depth {args.vit_depth} x {args.vit_hidden}, "
           f"vocab {args.vocab}; row: {args.samples} x ({args.image}x{args.image} image + {args.caption_tokens} "
           f"text) = {inputs.labels.numel()} tokens, {labelled} labelled; threads {torch.get_num_threads()}")
-    (_, a), (_, b) = run("labelled rows"), run("all rows")  # warm-up, and the loss check
+    (_, a), (_, b) = selected.run(), every.run()  # warm-up, and the loss check
     if abs(a - b) > LOSS_TOL * abs(b):
         raise SystemExit(f"losses disagree: labelled rows {a:.7f} vs all rows {b:.7f}; not timing")
     print(f"loss: labelled rows {a:.7f}  all rows {b:.7f}")
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    for i in range(args.repeats):
-        for name in (tuple(paths) if i % 2 == 0 else tuple(reversed(paths))):
-            times[name].append(run(name)[0])
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    for name, t in times.items():
-        print(f"{name:>14}: {args.clock} median {medians[name] * 1e3:.0f} ms  "
-              f"(min {min(t) * 1e3:.0f}, max {max(t) * 1e3:.0f}, n={len(t)})")
+    medians = time_interleaved((selected, every), args.repeats, args.clock)
     destroy_parallel(shutdown_distributed=True)
-    print(f"ratio={medians['labelled rows'] / medians['all rows']:.3f}")
-
+    print(f"ratio={medians[selected.name] / medians[every.name]:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwen3vl.data.batch import IGNORE_INDEX
 from qwen3vl_testing.distributed import run_distributed
 
 LOGIT_TOL = 1e-4
@@ -74,6 +75,17 @@ def _parity_body(preset: str, recompute: bool = False) -> dict:
     ours_loss = stage_forward(model, model_inputs(batch), with_labels=True)
     hook.remove()
     result["projected_rows"] = (projected, int(batch.loss_mask().sum()), batch.seq_length)
+    # A micro-batch without a single label (a CP rank's share of a row that is all picture): zero loss, and
+    # the output layer still gets its (zero) gradient, which overlapped gradient reduction waits for.
+    model.zero_grad()
+    no_labels = model_inputs(batch)
+    no_labels.labels.fill_(IGNORE_INDEX)
+    empty_loss = stage_forward(model, no_labels, with_labels=True)
+    empty_loss.sum().backward()
+    weight = model.shared_embedding_or_output_weight()
+    result["no_labels"] = (float(empty_loss.abs().max()), empty_loss.shape[0] == batch.seq_length,
+                           weight.grad is not None and float(weight.grad.abs().max()) == 0.0)
+    model.zero_grad()
     ours_loss.sum().backward()
     ref_losses = [hf_token_loss(hf_forward(hf, s).logits[0], s) for s in samples]
     sum(loss.sum() for loss in ref_losses).backward()
@@ -109,6 +121,10 @@ def test_logits_match_transformers(parity, case):
 def test_per_token_loss_matches_transformers(parity):
     assert parity["loss"] <= LOGIT_TOL
     assert parity["loss_at_padding"] == 0.0
+
+
+def test_a_micro_batch_without_labels_has_zero_loss_and_a_zero_output_gradient(parity):
+    assert parity["no_labels"] == (0.0, True, True)
 
 
 def test_only_labelled_rows_reach_the_output_layer(parity):
