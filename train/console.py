@@ -8,7 +8,9 @@ or ``PYTHONWARNINGS`` wins over the once-rule, so a user can still ask for every
 """
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -58,3 +60,26 @@ def configure_console(rank: int) -> None:
     if rank != 0:
         warnings.simplefilter("ignore")
         logging.getLogger().setLevel(logging.ERROR)
+
+
+def write_whole(text: str, stream=None) -> None:
+    """``text`` (a newline added if missing) in one ``write(2)`` on ``stream``'s descriptor (stderr by default).
+
+    Every rank of a job writes to the one pipe torchrun or srun hands them; ``print`` writes a line and
+    its newline separately, so two ranks failing at once could run their lines together. POSIX keeps a
+    pipe write of up to PIPE_BUF (4,096) bytes in one piece, so a line, or a traceback under that size,
+    reaches the console whole. A stream without a descriptor (pytest's capture) gets a plain write.
+    """
+    stream = sys.stderr if stream is None else stream
+    if not text.endswith("\n"):
+        text += "\n"
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        stream.write(text)
+        stream.flush()
+        return
+    stream.flush()  # what Python still buffers goes first, in order
+    data = text.encode(getattr(stream, "encoding", None) or "utf-8", errors="replace")
+    while data:  # a pipe write can be partial only past PIPE_BUF or on a signal
+        data = data[os.write(fd, data):]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 import traceback
 
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from qwen3vl.data.dataset_errors import DatasetError
 from qwen3vl.data.robust import TooManyBadSamples
 from qwen3vl.train.config import ConfigError
+from qwen3vl.train.console import write_whole
 from qwen3vl.train.draw import PeerFailure
 from qwen3vl.train.failure_record import one_line, write_record
 from qwen3vl.train.step import NonFiniteLossError
@@ -67,16 +67,16 @@ def report_rank_failure(directory: str | os.PathLike, exc: BaseException, prog: 
     not one that explains itself), one line; returns the exit code, 1."""
     record = record_exception(directory, exc)
     where = f"rank {record['rank']}"
+    # Each piece in one write (write_whole): the ranks share the console's pipe and often fail together.
     if not record["collateral"]:
         if not explains_itself(exc):
-            traceback.print_exception(exc, file=sys.stderr)
-        print(f"[{prog}] {where} failed: {record['type']}: {one_line(record['message'])}",
-              file=sys.stderr, flush=True)
+            write_whole("".join(traceback.format_exception(exc)))
+        write_whole(f"[{prog}] {where} failed: {record['type']}: {one_line(record['message'])}")
     elif record["origin_rank"] is not None:
-        print(f"[{prog}] {where} stopped: rank {record['origin_rank']} failed: {record['type']}: "
-              f"{one_line(record['message'])}", file=sys.stderr, flush=True)
+        write_whole(f"[{prog}] {where} stopped: rank {record['origin_rank']} failed: {record['type']}: "
+                    f"{one_line(record['message'])}")
     else:  # the symptom of another rank's failure: one line, the traceback is in the record
-        print(f"[{prog}] {where} stopped: a collective failed ({record['type']}: "
-              f"{one_line(record['message'])[:200]}), most likely because another rank failed first; "
-              f"traceback in {record['path']}", file=sys.stderr, flush=True)
+        write_whole(f"[{prog}] {where} stopped: a collective failed ({record['type']}: "
+                    f"{one_line(record['message'])[:200]}), most likely because another rank failed first; "
+                    f"traceback in {record['path']}")
     return 1
