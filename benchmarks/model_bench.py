@@ -70,16 +70,18 @@ class Contender:
         return clock() - start, loss
 
 
-def time_interleaved(contenders: tuple[Contender, Contender], repeats: int, clock: str) -> dict[str, float]:
+def time_interleaved(contenders: tuple[Contender, Contender], repeats: int, clock: str,
+                     quiet: bool = False) -> dict[str, float]:
     """Times ``repeats`` steps of each contender, alternating who goes first (so neither always runs right
-    after the other's allocations); prints each one's median, min and max and returns the medians by name."""
+    after the other's allocations); prints (unless ``quiet``) each one's median, min and max and returns the
+    medians by name."""
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     for i in range(repeats):
         for contender in contenders if i % 2 == 0 else contenders[::-1]:
             times[contender.name].append(contender.run(CLOCKS[clock])[0])
     medians = {name: statistics.median(t) for name, t in times.items()}
     width = max(len(name) for name in times)
-    for name, t in times.items():
+    for name, t in ([] if quiet else times.items()):
         print(f"{name:>{width}}: {clock} median {medians[name] * 1e3:.0f} ms  "
               f"(min {min(t) * 1e3:.0f}, max {max(t) * 1e3:.0f}, n={len(t)})")
     return medians

@@ -4,6 +4,10 @@ before, and what megatron's GPT model does), on the same model and the same pack
 (world size 1, gloo).
 
     python benchmarks/output_rows_bench.py --hidden 256 --image 448 --caption-tokens 40 --samples 8
+    torchrun --nproc-per-node 2 benchmarks/output_rows_bench.py --tp 2 --threads 1   # TP2 + sequence parallel
+
+With ``--tp N`` (under torchrun, N processes) the model is tensor parallel with sequence parallelism, the
+recipes' layout: each rank then projects as many rows as the sequence share with the most labels has.
 
 The row is ``--samples`` caption samples (one ``--image`` picture, then ``--caption-tokens`` of text with a
 label each): S0's kind of data, where the visual tokens, which have no label, are most of the row. Both
@@ -47,24 +51,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per path (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor parallel with sequence parallelism over this many torchrun processes")
     args = parser.parse_args()
     if args.image % 32:
         parser.error("--image must be a multiple of 32 (16-pixel patches merged 2 x 2)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    initialize_parallel(ParallelLayout())
+    sequence_parallel = args.tp > 1
+    initialize_parallel(ParallelLayout(tp=args.tp, sequence_parallel=sequence_parallel))
     config = bench_config(args.hidden, args.layers, args.vit_depth, args.vit_hidden, args.vocab)
     patches = args.image // config.vision.patch_size
     samples = [SampleBuilder(config, seed=i).image(patches, patches).text(args.caption_tokens).build()
                for i in range(args.samples)]
-    inputs = model_inputs(pack_samples(samples))
+    inputs = model_inputs(pack_samples(samples, pad_multiple=args.tp))
     # As the sample encoder labels a caption: no loss at the visual tokens or on predicting one (the test
     # builder labels every next token).
     visual_ids = torch.tensor([config.image_token_id, config.vision_start_token_id, config.vision_end_token_id])
     inputs.labels.masked_fill_((inputs.visual_index >= 0) | torch.isin(inputs.labels, visual_ids), -100)
     labelled = int((inputs.labels >= 0).sum())
-    [model] = build_model_chunks(config, moe_aux_loss_coeff=0.0)
+    [model] = build_model_chunks(config, moe_aux_loss_coeff=0.0, sequence_parallel=sequence_parallel)
     model.train()
     kwargs = inputs.model_kwargs()
 
@@ -85,16 +92,33 @@ def main() -> None:
 
     selected, every = Contender("labelled rows", labelled_rows, model), Contender("all rows", all_rows, model)
 
-    print(f"config: hidden {args.hidden}, layers {args.layers}, ViT depth {args.vit_depth} x {args.vit_hidden}, "
-          f"vocab {args.vocab}; row: {args.samples} x ({args.image}x{args.image} image + {args.caption_tokens} "
-          f"text) = {inputs.labels.numel()} tokens, {labelled} labelled; threads {torch.get_num_threads()}")
+    projected = []  # rows this rank hands the output layer in the labelled-rows path
+    hook = model.output_layer.register_forward_pre_hook(lambda module, args: projected.append(args[0].shape[0]))
+    labelled_rows()
+    hook.remove()
+    model.zero_grad()
+    say(f"config: hidden {args.hidden}, layers {args.layers}, ViT depth {args.vit_depth} x {args.vit_hidden}, "
+        f"vocab {args.vocab}; row: {args.samples} x ({args.image}x{args.image} image + {args.caption_tokens} "
+        f"text) = {inputs.labels.numel()} tokens, {labelled} labelled; tp {args.tp}"
+        f"{' with sequence parallelism' if sequence_parallel else ''}, rows into the output layer per rank: "
+        f"{projected[0]} (all rows: {inputs.labels.numel() // args.tp}); threads {torch.get_num_threads()}")
     (_, a), (_, b) = selected.run(), every.run()  # warm-up, and the loss check
     if abs(a - b) > LOSS_TOL * abs(b):
         raise SystemExit(f"losses disagree: labelled rows {a:.7f} vs all rows {b:.7f}; not timing")
-    print(f"loss: labelled rows {a:.7f}  all rows {b:.7f}")
-    medians = time_interleaved((selected, every), args.repeats, args.clock)
+    say(f"loss: labelled rows {a:.7f}  all rows {b:.7f}")
+    medians = time_interleaved((selected, every), args.repeats, args.clock, quiet=not is_first_rank())
+    say(f"ratio={medians[selected.name] / medians[every.name]:.3f}")
     destroy_parallel(shutdown_distributed=True)
-    print(f"ratio={medians[selected.name] / medians[every.name]:.3f}")
+
+
+def is_first_rank() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def say(line: str) -> None:
+    """Rank 0 speaks for all (under --tp every rank times the same collective steps)."""
+    if is_first_rank():
+        print(line, flush=True)
 
 if __name__ == "__main__":
     main()

@@ -157,16 +157,42 @@ class Qwen3VLModel(LanguageModule):
         Only the rows with a label go through the output layer and the cross entropy: visual tokens, prompts
         and padding have none, and the vocabulary projection (151,936 columns) is most of a small model's
         step and, in fp32 logits, most of a large one's activation memory at 8K+ tokens. Every TP rank
-        holds the same labels, so each selects the same rows. Under sequence parallelism the output layer
-        itself gathers each rank's sequence share, which a selection made before it would break: there the
-        whole sequence goes through, as megatron does.
+        holds the same labels, so each selects the same rows.
         """
         ignored = labels == IGNORE_INDEX
         if self.config.sequence_parallel:
-            logits, _ = self.output_layer(hidden, weight=weight)  # [T, 1, V/TP]
-            loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.masked_fill(ignored, 0).unsqueeze(1))
-            return loss.squeeze(1).float().masked_fill(ignored, 0.0)
+            return self._sequence_parallel_token_loss(hidden, labels, ignored, weight)
         keep = torch.nonzero(~ignored).squeeze(1)
         logits, _ = self.output_layer(hidden.index_select(0, keep), weight=weight)  # [K, 1, V/TP]
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels[keep].unsqueeze(1)).squeeze(1).float()
         return torch.zeros(labels.shape, dtype=torch.float32, device=labels.device).index_copy(0, keep, loss)
+
+    def _sequence_parallel_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor, ignored: torch.Tensor,
+                                      weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """``_token_loss`` when each TP rank holds a contiguous 1/TP share of the rows (``hidden`` [T/TP, 1, H])
+        and the output layer all-gathers the shares (its backward reduce-scatters them).
+
+        The gather needs equal shares, so every rank sends the same number of rows: the largest count of
+        labelled rows in any share (K). Each rank sends its labelled rows, in order, then as many of its
+        unlabelled ones as make up K, whose loss is masked to 0 (so their gradient is too). The labels are
+        the same on every TP rank, so each rank works out every share's selection without communicating.
+        """
+        tp = self.output_layer.tp_group.size()
+        share = hidden.shape[0]
+        if labels.shape[0] != share * tp:
+            raise ValueError(f"sequence parallelism: labels of {labels.shape[0]} rows for {tp} shares of "
+                             f"{share} rows")
+        labelled = ~ignored.view(tp, share)
+        counts = labelled.sum(1)
+        k = max(1, int(counts.max()))  # at least one row, so that an all-picture micro-batch still gathers
+        # Per share, its labelled rows first in their order (a stable sort), then unlabelled ones.
+        order = torch.sort((~labelled).to(torch.uint8), dim=1, stable=True).indices[:, :k]  # [TP, K]
+        valid = (torch.arange(k, device=labels.device) < counts.unsqueeze(1)).reshape(-1)  # [TP*K]
+        rows = (order + share * torch.arange(tp, device=labels.device).unsqueeze(1)).reshape(-1)  # [TP*K]
+        mine = order[self.output_layer.tp_group.rank()]
+        logits, _ = self.output_layer(hidden.index_select(0, mine), weight=weight)  # [TP*K, 1, V/TP]
+        target = labels.index_select(0, rows).masked_fill(~valid, 0)
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits, target.unsqueeze(1)).squeeze(1).float()
+        # ``rows`` are distinct, and those not valid are unlabelled rows, whose loss is 0 anyway.
+        return torch.zeros(labels.shape, dtype=torch.float32, device=labels.device).index_copy(
+            0, rows, loss.masked_fill(~valid, 0.0))

@@ -28,3 +28,17 @@ def test_idle_buffers_are_bounded():
     for n in (60, 70, 80):  # larger than every idle buffer: the smallest idle ones are given back
         pool(n)
     assert len(pool) <= 2 + 1
+
+
+def test_a_buffer_near_the_row_limit_is_made_as_large_as_the_limit():
+    pool = ReusedRows(max_patches=1000)
+    first = pool(800)  # within a quarter of the limit: the limit's size, so that no later row needs more
+    assert tuple(first.shape) == (800, 1536)
+    address = first.data_ptr()
+    del first
+    assert pool(1000).data_ptr() == address and len(pool) == 1
+    small = ReusedRows(max_patches=1000)
+    row = small(100)  # far from it: the usual slack only
+    del row
+    small(1000)
+    assert len(small) == 2

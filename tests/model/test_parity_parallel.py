@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwen3vl.data.batch import IGNORE_INDEX
 from qwen3vl_testing.distributed import run_distributed
 
 LOGIT_TOL = 1e-4
@@ -58,7 +59,9 @@ def _parallel_body(preset: str, tp: int, pp: int, ep: int, pipeline_layers=None,
                 result["logits"][case] = float((ours[:len(ref)] - ref).abs().max())
 
     # One forward-backward of a packed row through megatron's schedule; the loss is the sum of token losses.
-    samples = [make_case("image_video", config, seed=4), make_case("text", config, seed=5)]
+    # Text first: each sequence-parallel share then has unlabelled rows (pictures, padding), and the shares'
+    # label counts differ (18 and 15 of 22 for the tiny model), so the shorter share is topped up.
+    samples = [make_case("text", config, seed=5), make_case("image_video", config, seed=4)]
     batch = pack_samples(samples, pad_multiple=4, tail=4)
     inputs = model_inputs(batch)
 
@@ -69,9 +72,34 @@ def _parallel_body(preset: str, tp: int, pp: int, ep: int, pipeline_layers=None,
     # The interleaved schedule needs a multiple of pp micro-batches: the same row, twice.
     micro_batches = pp if vpp else 1
     iterators = [iter([inputs] * micro_batches) for _ in chunks]
+    # The rows this rank hands the output layer: only labelled ones (with sequence parallelism, as many as
+    # the share with the most labels has, since the layer all-gathers equal shares).
+    projected, last = [], chunks[-1]
+    hook = last.output_layer.register_forward_pre_hook(lambda module, args: projected.append(args[0].shape[0])) \
+        if last.post_process else None
     losses = forward_backward_func(layout)(
         forward_step_func=forward_step, data_iterator=iterators if vpp else iterators[0], model=chunks,
         num_microbatches=micro_batches, seq_length=inputs.schedule_seq_length, micro_batch_size=1)
+    if hook is not None:
+        hook.remove()
+        labelled = batch.loss_mask().view(align, -1).sum(1)  # per sequence-parallel share (one without SP)
+        result["projected_rows"] = (projected, [int(labelled.max())] * micro_batches, batch.seq_length // align)
+    if sequence_parallel:
+        # A micro-batch without a single label (a share of a row that is all picture): zero loss, and the
+        # output layer still gets its zero gradient, which overlapped gradient reduction waits for.
+        [model] = chunks
+        saved = {n: p.grad for n, p in model.named_parameters()}
+        model.zero_grad()
+        no_labels = model_inputs(batch)
+        no_labels.labels.fill_(IGNORE_INDEX)
+        empty_loss = model(**no_labels.model_kwargs())
+        empty_loss.sum().backward()
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
+            else model.output_layer.weight
+        result["no_labels"] = (float(empty_loss.abs().max()), weight.grad is not None
+                               and float(weight.grad.abs().max()) == 0.0)
+        for name, param in model.named_parameters():
+            param.grad = saved[name]
     ref_loss = sum(hf_token_loss(hf_forward(hf, s).logits[0], s).sum() for s in samples)
     ref_loss.backward()
     result["losses"] = [(float(r["loss"]), float(ref_loss)) for r in losses]
@@ -135,6 +163,21 @@ def test_schedule_losses_match_transformers(ranks):
     assert losses, "no rank reported a loss"
     for ours, ref in losses:
         assert abs(ours - ref) <= LOGIT_TOL * max(1.0, abs(ref))
+
+
+@pytest.mark.parametrize("ranks", list(LAYOUTS), indirect=True)
+def test_only_labelled_rows_reach_the_output_layer(ranks):
+    reported = [r["projected_rows"] for r in ranks if "projected_rows" in r]
+    assert reported, "no rank ran the output layer"
+    for projected, expected, share in reported:
+        assert 0 < expected[0] < share  # fewer rows than the share: a full projection would show
+        assert projected == expected
+
+
+@pytest.mark.parametrize("ranks", [name for name, spec in LAYOUTS.items() if spec.get("sequence_parallel")],
+                         indirect=True)
+def test_a_micro_batch_without_labels_has_zero_loss_and_a_zero_output_gradient(ranks):
+    assert [r["no_labels"] for r in ranks] == [(0.0, True)] * len(ranks)
 
 
 @pytest.mark.parametrize("ranks", list(LAYOUTS), indirect=True)
