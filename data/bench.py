@@ -7,7 +7,8 @@ patchify, tokenize, MRoPE positions, pack), and the rate is every token encoded 
 packer divided by the CPU time this process used: contention from other processes on a shared
 machine distorts it far less than wall time, and "per core" is literal. It is the steady state of a
 long run: the first row (the packer's first fill of ``pack_buffer`` samples) is drawn before the
-clock starts. Efficiency is the non-pad fraction of the rows.
+clock starts, and the clock stops just after a round of encoding, so the window holds whole rounds
+(encoding comes in rounds, rows are built between them). Efficiency is the non-pad fraction of the rows.
 
 ``by_kind``: the same measurement on a corpus of one kind each (the mix's captions, interleaved and
 text documents, and videos of eight 512×512 JPEG frames at 2 fps). ``decode_floor_tokens_per_s``:
