@@ -281,7 +281,7 @@ def test_stage0_from_the_assembled_checkpoint_trains_only_the_mergers(assembled,
     run_dir = tmp_path / "s0"
     steps, rows, seq = 8, 4, 512
     code = launcher.main([
-        "--nproc", "1", "--recipe", "stage0_align", "--", "model=tiny", "data=demo", f"run_dir={run_dir}",
+        "--nproc", "1", "--recipe", "stage0_align", "--", "model=tiny", "data=demo", "parallel.cp=1", f"run_dir={run_dir}",
         f"data.demo_dir={demo_corpus}", f"init_from={assembled['out']['dense']}",
         "+model.overrides.text.rope_theta=1000000.0",  # the LLM's, as assembled
         f"train.seq_length={seq}", f"train.global_batch_tokens={seq * rows}",

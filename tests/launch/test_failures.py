@@ -47,7 +47,7 @@ def corrupted_copy(tmp_path_factory) -> Path:
 def launch(run_dir: Path, corpus: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "qwen3vl.launch.launcher", "--nproc", "2", "--recipe", "stage0_align", "--",
            "model=tiny", "data=demo", f"run_dir={run_dir}", f"data.demo_dir={corpus}", "wandb.mode=disabled",
-           "train.seq_length=512", "train.global_batch_tokens=1024", *overrides]
+           "train.seq_length=512", "train.global_batch_tokens=1024", "parallel.cp=1", *overrides]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -19,7 +19,7 @@ from qwen3vl.launch import launcher
 from qwen3vl.train.config import parse_app_argv
 from qwen3vl.train.metrics import read_metrics
 
-DEMO = ["model=tiny", "data=demo"]
+DEMO = ["model=tiny", "data=demo", "parallel.cp=1"]  # S0 as data parallelism on the CPU ranks
 
 
 def _dry_run(capsys, argv: list[str]) -> list[str]:
@@ -35,9 +35,10 @@ def test_single_node_command(capsys, tmp_path):
     recipe, overrides = parse_app_argv(app)
     assert recipe == "stage0_align"
     run_dir = Path("rel/run").resolve()
-    assert overrides[:4] == [*DEMO, "train.steps=4", "train.save_interval=2"]
-    assert overrides[4] == f"run_dir={run_dir}"  # absolute, once: every rank writes the same place
-    assert overrides[5].startswith("data.demo_dir=/")
+    given = len(DEMO) + 2
+    assert overrides[:given] == [*DEMO, "train.steps=4", "train.save_interval=2"]
+    assert overrides[given] == f"run_dir={run_dir}"  # absolute, once: every rank writes the same place
+    assert overrides[given + 1].startswith("data.demo_dir=/")
 
 
 def test_multi_node_commands(capsys):
@@ -143,13 +144,22 @@ def test_a_failed_run_waits_for_its_leftover_processes_before_the_report():
         launcher.wait_for_leftovers(which, timeout_s)
         return time.monotonic() - started
 
+    def leftover(seconds: int) -> subprocess.Popen:
+        """A process of the run, returned once it is running Python: just after exec, /proc shows an empty
+        environment for a moment (measured: 169 of 200 reads right after Popen), which is not a leftover's
+        state at a failure, whose workers have long been running."""
+        proc = subprocess.Popen([sys.executable, "-c", f"import time; print('up', flush=True); time.sleep({seconds})"],
+                                env=env, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "up\n"
+        return proc
+
     assert waited(10) < 1  # nothing of the run left: no wait
     procs = []
     try:
-        procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"], env=env))
+        procs.append(leftover(2))
         assert 1.9 < waited(10) < 9  # until the leftover exited
         assert procs[0].poll() is not None
-        procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env))
+        procs.append(leftover(30))
         assert 1.4 < waited(1.5) < 5 and procs[1].poll() is None  # gave up at the limit
         assert waited(10, f"{launcher.RUN_MARKER}=another-run") < 1  # another run's processes: not waited for
     finally:

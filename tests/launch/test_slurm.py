@@ -41,11 +41,11 @@ def test_script_from_the_launcher(capsys):
 
 
 def test_slurm_validates_for_the_whole_job(capsys):
-    # stage2_32k uses tp2·cp4 = 8 ranks per replica; 1 node of 4 GPUs cannot hold it.
+    # stage2_32k uses tp4·cp2 = 8 ranks per replica; 1 node of 4 GPUs cannot hold it.
     argv = ["--slurm", "--nodes", "1", "--gpus-per-node", "4", "--recipe", "stage2_32k", "--dry-run",
             "--skip-path-checks"]
     assert launcher.main(argv) == launcher.CONFIG_ERROR_EXIT
-    assert "world size 4 is not divisible by tp·pp·cp = 2·1·4" in capsys.readouterr().err
+    assert "world size 4 is not divisible by tp·pp·cp = 4·1·2" in capsys.readouterr().err
 
 
 def test_overrides_survive_both_shells():
@@ -123,7 +123,8 @@ def test_preemption_forwards_usr1_then_requeues(tmp_path):
 
 def test_a_cpu_job_requests_no_gpu_and_runs_nproc_gloo_ranks_per_node(capsys):
     argv = ["--slurm", "--nodes", "2", "--nproc", "3", "--gpus-per-node", "0", "--recipe", "stage0_align",
-            "--dry-run", "--", "model=tiny", "data=demo", "run_dir=/runs/cpu", "train.global_batch_tokens=6144"]
+            "--dry-run", "--", "model=tiny", "data=demo", "parallel.cp=1", "run_dir=/runs/cpu",
+            "train.global_batch_tokens=6144"]
     assert launcher.main(argv) == 0  # validated for 2 nodes x 3 ranks
     script = capsys.readouterr().out
     assert not [line for line in script.splitlines() if line.startswith("#SBATCH --gpus")]

@@ -11,7 +11,7 @@ from qwen3vl.train.config import ConfigError, load_config, to_yaml
 
 def test_a_moved_run_directory_keeps_its_paths(tmp_path):
     run = tmp_path / "runs" / "s1"
-    overrides = ["model=tiny", "data=demo", f"run_dir={run}", f"data.demo_dir={run}/demo", "train.steps=3",
+    overrides = ["model=tiny", "data=demo", "parallel.cp=1", f"run_dir={run}", f"data.demo_dir={run}/demo", "train.steps=3",
                  f"init_from={tmp_path}/s0",
                  f"data.datasets=[{{name: a, shards: '{run}/shards/a-{{0..1}}.tar'}}, {{name: b, shards: 'pipe:cat /x'}}]"]
     cfg = load_config("stage1_mm", overrides, world_size=2, check_paths=False)
@@ -31,4 +31,5 @@ def test_a_moved_run_directory_keeps_its_paths(tmp_path):
 
 def test_on_empty_dataset_is_checked():
     with pytest.raises(ConfigError, match=r"data.on_empty_dataset='skip': use stop .* or drop"):
-        load_config("stage0_align", ["model=tiny", "data=demo", "data.on_empty_dataset=skip"], world_size=1)
+        load_config("stage0_align", ["model=tiny", "data=demo", "parallel.cp=1", "data.on_empty_dataset=skip"],
+                    world_size=1)

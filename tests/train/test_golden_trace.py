@@ -1,7 +1,7 @@
 """The golden loss trace: 10 steps of the tiny model's S1 on the demo corpus (fp32, CPU, 2 ranks).
 
 It runs the public command (``qwen3vl-launch --nproc 2 --recipe stage1_mm -- model=tiny data=demo``) with
-the recipe's own layout (TP2 with sequence parallelism) and its own schedule (the horizon comes from the
+the recipe's tensor-parallel layout (TP2 with sequence parallelism; CP1, as 2 ranks hold no more) and its own schedule (the horizon comes from the
 token budget: 10 steps of 4 rows of 512 tokens), and compares every step's loss, token loss, grad norm
 and learning rate with ``golden/tiny_stage1_demo.json``: the step and learning rate exactly, the rest
 within four float32 roundings (``ROUNDING``). fp32 CPU kernels sum in an order that depends on the
@@ -37,7 +37,7 @@ def test_tiny_stage1_matches_the_golden_trace(tmp_path, demo_dir):
     run_dir = tmp_path / "s1"
     code = launcher.main([
         "--nproc", "2", "--recipe", "stage1_mm", "--",
-        "model=tiny", "data=demo", f"run_dir={run_dir}", f"data.demo_dir={demo_dir}",
+        "model=tiny", "data=demo", "parallel.cp=1", f"run_dir={run_dir}", f"data.demo_dir={demo_dir}",
         f"train.seq_length={SEQ}", f"train.global_batch_tokens={SEQ * ROWS}",
         f"train.token_budget={SEQ * ROWS * STEPS}", "train.precision=fp32",
         "data.num_workers=0", "wandb.mode=disabled"])

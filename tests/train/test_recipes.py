@@ -10,8 +10,8 @@ from qwen3vl.model.presets import PRESET_NAMES, get_preset
 from qwen3vl.train.config import RECIPES_DIR, available_recipes, load_config, run_shape, trains
 
 STAGES = {  # recipe: (seq length, token budget, trains only the mergers, context parallel)
-    "stage0_align": (8192, 67e9, True, False),
-    "stage1_mm": (8192, 1e12, False, False),
+    "stage0_align": (8192, 67e9, True, True),
+    "stage1_mm": (8192, 1e12, False, True),
     "stage2_32k": (32768, 1e12, False, True),
     "stage3_256k": (262144, 1e11, False, True),
 }
@@ -61,7 +61,7 @@ def test_stage_mixes_follow_the_report():
 @pytest.mark.parametrize("recipe", sorted(STAGES))
 def test_stage_as_tiny_demo_on_two_ranks(recipe, tmp_path):
     extra = []
-    if STAGES[recipe][3]:  # the CPU demo runs the long stages with CP2 instead of TP·CP at scale
+    if STAGES[recipe][3]:  # the CPU demo runs the stages with CP2 (or DP2) instead of TP·CP at scale
         extra = ["parallel.tp=1", "parallel.cp=2", "parallel.sequence_parallel=false"]
     cfg = load_config(recipe, ["model=tiny", "data=demo", f"run_dir={tmp_path}", "train.steps=3", *extra],
                       world_size=2)
@@ -78,6 +78,6 @@ def test_model_group_has_one_file_per_preset():
 
 
 def test_stage0_freezes_everything_but_the_mergers():
-    cfg = load_config("stage0_align", ["model=tiny", "data=demo", "train.steps=1"], world_size=1)
+    cfg = load_config("stage0_align", ["model=tiny", "data=demo", "train.steps=1"], world_size=2)
     assert sorted(cfg.train.trainable) == ["deepstack_merger", "merger"]
     assert not trains(cfg, "vision") and not trains(cfg, "llm")

@@ -12,7 +12,7 @@ from pathlib import Path
 S0_STEPS = 6
 S0_STAGE = ("model=tiny", "data=demo", "train.seq_length=256", "train.global_batch_tokens=512",
             f"train.token_budget={S0_STEPS * 512}", "schedule.warmup_steps=2", "train.save_interval=100",
-            "train.recompute.granularity=null")  # as the demo's stages
+            "train.recompute.granularity=null", "parallel.cp=1")  # as the demo's stages (DP2 on 2 ranks)
 TRACE_FIELDS = ("loss", "grad_norm", "lr")
 
 
