@@ -6,8 +6,10 @@ consumed; so batches prefetched but not consumed are simply produced again after
 Workers are started with ``forkserver``: a clean server process (started once, importing this module)
 forks them. Forking the trainer itself would copy a process that already holds a CUDA context, NCCL
 communicators and their watchdog threads (their locks can deadlock a child), so a worker never
-inherits anything of the trainer but its arguments. Rows are built straight into shared memory
-(``qwen3vl.data.pixel_memory.shared_rows``), so handing one to the trainer copies nothing. With a GPU,
+inherits anything of the trainer but its arguments. Rows are built straight into shared memory, so
+handing one to the trainer copies nothing, and into a few slots of it that the trainer gives back once it
+is done with a row (``qwen3vl.data.pixel_memory.SharedRowPool``), so a worker maps and zeroes its
+memory once, not for every row. Each batch travels with its state and its slot. With a GPU,
 a thread in the trainer takes the batches in order and copies them into pinned memory ahead of the
 step, so the host-to-device copy is asynchronous and the step does not wait.
 """
@@ -25,8 +27,8 @@ import torch
 import torch.multiprocessing as mp
 
 from qwen3vl.data.encode import SampleEncoder
-from qwen3vl.data.packed_stream import PackedStream
-from qwen3vl.data.pixel_memory import shared_rows
+from qwen3vl.data.packed_stream import PackedStream, row_patch_limit
+from qwen3vl.data.pixel_memory import SharedRowPool, released_when_unused
 from qwen3vl.data.stream import Consumer
 from qwen3vl.data.tokenizer import load_tokenizer
 
@@ -43,7 +45,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _worker_main(cfg, urls, seq_length, pad_multiple, consumer, seed, state, out_queue, trainer_pid) -> None:
+def _worker_main(cfg, urls, seq_length, pad_multiple, consumer, seed, state, out_queue, free, trainer_pid) -> None:
     def put(item) -> None:
         while _alive(trainer_pid):
             try:
@@ -56,15 +58,16 @@ def _worker_main(cfg, urls, seq_length, pad_multiple, consumer, seed, state, out
     torch.set_num_threads(1)  # one core per worker is what the worker count is for
     try:
         encoder = SampleEncoder(load_tokenizer(cfg.tokenizer_path), replace(cfg.processing, seq_length=seq_length))
+        rows = SharedRowPool(free, max_patches=row_patch_limit(cfg, seq_length, encoder.cfg.merge_size))
         stream = PackedStream(cfg, urls, seq_length=seq_length, pad_multiple=pad_multiple, consumer=consumer,
-                              seed=seed, encoder=encoder, pixel_rows=shared_rows)
+                              seed=seed, encoder=encoder, pixel_rows=rows)
         if state is not None:
             stream.load_state_dict(state)
         for batch in stream:
-            put((batch, stream.state_dict()))
-        put((END, stream.state_dict()))  # the final counters, and a state that stays finished
+            put((batch, stream.state_dict(), rows.slot(batch.pixel_values)))
+        put((END, stream.state_dict(), None))  # the final counters, and a state that stays finished
     except BaseException as exc:  # the loader re-raises it in the trainer's process, with this traceback
-        put((ERROR, _portable(exc, f"in data worker {consumer.index}:\n{traceback.format_exc()}")))
+        put((ERROR, _portable(exc, f"in data worker {consumer.index}:\n{traceback.format_exc()}"), None))
     # Tensors travel through shared memory that this process hands over on request: stay alive until
     # the loader terminates it (or the trainer is gone).
     while _alive(trainer_pid):
@@ -90,20 +93,34 @@ class WorkerPool:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])  # the server imports torch and the pipeline once
         self.queues = [ctx.Queue(maxsize=max(1, cfg.prefetch)) for _ in consumers]
+        # Row slots a worker: its queue's rows, the one it is building and the one being put, and the trainer's
+        # current one (with a GPU: the one being pinned). Beyond that a row gets fresh memory, no wait.
+        slots = max(1, cfg.prefetch) + 3
+        self.free = [torch.ones(slots, dtype=torch.uint8).share_memory_() for _ in consumers]
+        # The last storage received in each slot, kept mapped: the next row in that slot arrives as the same
+        # storage (torch's shared-memory cache is keyed by the memory's inode) and maps nothing anew.
+        self._mapped: list[list] = [[None] * slots for _ in consumers]
         self.procs = [ctx.Process(target=_worker_main, daemon=True,
-                                  args=(cfg, urls, seq_length, pad_multiple, c, seed, s, q, os.getpid()))
-                      for c, s, q in zip(consumers, states, self.queues)]
+                                  args=(cfg, urls, seq_length, pad_multiple, c, seed, s, q, f, os.getpid()))
+                      for c, s, q, f in zip(consumers, states, self.queues, self.free)]
         for proc in self.procs:
             proc.start()
 
     def get(self, worker: int):
+        """(batch, state) of ``worker``: its next row, whose pooled pixel memory goes back to the worker
+        once nothing refers to it; or (END, final state), or (ERROR, the worker's exception)."""
         while True:
             try:
-                return self.queues[worker].get(timeout=5.0)
+                batch, state, slot = self.queues[worker].get(timeout=5.0)
             except queue.Empty:
                 if not self.procs[worker].is_alive():
                     raise RuntimeError(f"data worker {worker} died (exit code {self.procs[worker].exitcode}) "
                                        "without reporting an error; out of memory?") from None
+                continue
+            if slot is not None:
+                self._mapped[worker][slot] = batch.pixel_values.untyped_storage()
+                batch = replace(batch, pixel_values=released_when_unused(batch.pixel_values, self.free[worker], slot))
+            return batch, state
 
     def close(self) -> None:
         # Workers hold nothing worth saving (their state travels with each batch): stop them outright.

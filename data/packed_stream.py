@@ -97,6 +97,12 @@ class _ProvenanceUnpickler(pickle.Unpickler):
         return self._resolve(pid)
 
 
+def row_patch_limit(cfg: LoaderConfig, seq_length: int, merge_size: int) -> int:
+    """The most ViT patches one packed row can hold: merge² per token, and the packer's cap."""
+    row_patches = seq_length * merge_size ** 2
+    return row_patches if cfg.max_patches_per_row is None else min(row_patches, cfg.max_patches_per_row)
+
+
 class PackedStream:
     """The whole pipeline of one consumer, in this process."""
 
@@ -118,10 +124,8 @@ class PackedStream:
         self.mixture = WeightedMixture([d.weight for d in cfg.datasets], seed, consumer.index)
         self.tracker = SkipTracker(cfg.max_consecutive_failures)
         self.encoder = encoder
-        row_patches = seq_length * encoder.cfg.merge_size ** 2  # a row's patches: merge² per token at most,
-        if cfg.max_patches_per_row is not None:  # and the packer's cap
-            row_patches = min(row_patches, cfg.max_patches_per_row)
-        self.pixel_rows = pixel_rows if pixel_rows is not None else ReusedRows(max_patches=row_patches)
+        self.pixel_rows = pixel_rows if pixel_rows is not None else ReusedRows(
+            max_patches=row_patch_limit(cfg, seq_length, encoder.cfg.merge_size))
         self.packer = OnlinePacker(seq_length, pad_multiple, buffer_size=cfg.pack_buffer,
                                    max_patches=cfg.max_patches_per_row, pixel_rows=self.pixel_rows)
         self._provenance: dict[int, tuple[weakref.ref, Provenance]] = {}
