@@ -17,7 +17,7 @@
 #               varlen vs sdpa time, TFLOP/s, extra memory; fp32 sdpa at 8K (must not be O(s^2))
 #   ddp_probe   F1: DDP overlap_grad_reduce with a text-only row after a row with media, then overlap off
 #   pytest_cpu  CPU-suite tests run as CI runs them, on the GPU machine (F5: they must stay on the CPU)
-#   train_full, train_sel   the 2B run again with full recompute, then with the recipes' selective recompute
+#   train_full, train_sel   the 2B run again with full recompute, then selective (norms and MLP: [layernorm, mlp])
 # GC_BUDGET_S (default 470) makes later phases skip, never overrun; every phase also has its own cap
 # (GC_CAP_SCALE multiplies the caps and the minimums: a dry run on a small, shared CPU machine needs ~5).
 #

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run one real CPU step of a small version of the model: activation model vs "
                              "measured saved bytes")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object, last")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="overrides of the recipe, as qwen3vl-launch takes them after --, e.g. "
+                             "train.recompute.modules=[layernorm,mlp]")
     return parser
 
 
@@ -81,7 +84,7 @@ def _config(args):
     overrides = [f"model={args.model}"] if args.model else []
     if args.seq_length:
         overrides.append(f"train.seq_length={args.seq_length}")
-    return config_from_hydra(compose_recipe(args.recipe, overrides))
+    return config_from_hydra(compose_recipe(args.recipe, overrides + list(args.overrides)))
 
 
 def _workload(cfg, args):

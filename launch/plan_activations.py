@@ -19,7 +19,9 @@ expert's SwiGLU (6e·f for expert FFN f, plus its probability e). With e = 2 a d
 Parallel splits: sequence parallelism divides the norm and linear-input terms by TP; TP divides
 everything per head or FFN column; CP divides every term by CP except the gathered keys and values,
 of which each rank keeps its chunks' prefixes, (2cp + 1)/(2cp) of the segment. Recompute: ``selective``
-(megatron's core_attn) replaces the attention terms by q, k and the fused QKV output it holds; ``full``
+redoes megatron's ``recompute_modules``: ``core_attn`` replaces the attention terms by q, k and the fused
+QKV output it holds; ``layernorm`` drops both norms' terms (each checkpoint keeps its input, in the bytes
+its output took as the next linear's input); ``mlp`` / ``moe`` drop the MLP's (its input is kept); ``full``
 keeps each recomputed unit's input (e·H; plus, once per chunk, the fp32 RoPE tables and the DeepStack
 features its checkpoints also take) and rebuilds one unit at a time in backward (a transient);
 ``vision`` does the same per ViT block.
@@ -39,6 +41,7 @@ from typing import Optional
 
 from qwen3vl.model.config import Qwen3VLConfig
 from qwen3vl.parallel.layout import ParallelLayout
+from qwen3vl.train.config import RecomputeCfg
 from qwen3vl.train.freeze import PARTS
 
 FP32 = 4
@@ -52,11 +55,15 @@ class Recompute:
     method: str = "uniform"
     num_layers: int = 1
     vision: bool = False
+    modules: tuple[str, ...] = ("core_attn",)  # selective: what is redone (train.recompute.modules)
 
     @classmethod
     def from_config(cls, cfg) -> "Recompute":
         r = cfg.train.recompute
-        return cls(r.granularity, r.method, r.num_layers, r.vision)
+        return cls(r.granularity, r.method, r.num_layers, r.vision, tuple(r.modules))
+
+    def config(self) -> RecomputeCfg:
+        return RecomputeCfg(self.granularity, self.method, self.num_layers, self.vision, list(self.modules))
 
 
 @dataclass(frozen=True)
@@ -66,15 +73,17 @@ class Row:
     tokens: int
     patches: int
     element: int = 2  # activation bytes per element (bf16)
+    labelled: Optional[float] = None  # tokens with a label; None: all but the visual ones (a full row)
 
 
 # ---- LLM -------------------------------------------------------------------------------------------
 
 def llm_layer(config: Qwen3VLConfig, row: Row, layout: ParallelLayout, moe: bool,
-              selective: bool = False, frozen: bool = False) -> float:
-    """Bytes one LLM layer saves for one micro-batch on one rank (no full recompute). ``frozen``: its
-    weights do not train but gradients pass through it (stage 0), so what only the weight gradients
-    need is not kept: the linears' inputs and the norms' normalised outputs."""
+              selective: tuple[str, ...] = (), frozen: bool = False) -> float:
+    """Bytes one LLM layer saves for one micro-batch on one rank (no full recompute). ``selective``: the
+    parts megatron recomputes (``recompute_modules``). ``frozen``: its weights do not train but gradients
+    pass through it (stage 0), so what only the weight gradients need is not kept: the linears' inputs
+    and the norms' normalised outputs."""
     t, e = config.text, row.element
     tp, cp = layout.tp, layout.cp
     sp = tp if layout.sequence_parallel else 1
@@ -83,10 +92,15 @@ def llm_layer(config: Qwen3VLConfig, row: Row, layout: ParallelLayout, moe: bool
         t.num_key_value_heads
     local = row.tokens / cp  # this CP rank's rows
     keys = row.tokens * (2 * cp + 1) / (2 * cp) if cp > 1 else row.tokens  # the gathered prefixes it keeps
-    seq_split = local / sp * (2 * (4 * H + 4 + e * H) + 2 * e * H)  # norms, QKV and MLP/router inputs
+    norms = local / sp * 2 * (4 * H + 4 + e * H)  # each: fp32 input, 1/rms, normalised output
+    linear_inputs = local / sp * 2 * e * H  # QKV's and the MLP's (or router's): the norms' outputs
+    if "layernorm" in selective:
+        # Run without autograd; the checkpoint keeps each norm's input and frees its output once the
+        # next linear saved it (refilled in backward): the linear inputs' bytes are the inputs now.
+        norms = 0.0
     qk_norm = local / tp * (4 * q + 4 * heads + e * q + 4 * kv + 4 * kv_heads + e * kv)
     rope = local * 4 * e * d
-    if selective:  # megatron's core_attn checkpoint keeps q, k and the fused QKV output (v is a view of it)
+    if "core_attn" in selective:  # keeps q, k and the fused QKV output (v is a view of it)
         attention = local / tp * (e * q + e * kv + e * (q + 2 * kv))
     else:
         attention = (local / tp * (3 * e * q + FP32 * heads) + keys / tp * 2 * e * kv + local * 3 * INDEX)
@@ -101,10 +115,18 @@ def llm_layer(config: Qwen3VLConfig, row: Row, layout: ParallelLayout, moe: bool
     else:
         mlp = local / tp * 5 * e * t.intermediate_size
         weight_only = local / tp * e * t.intermediate_size  # fc2's input
+    if ("moe" if moe else "mlp") in selective:  # the checkpoint keeps only the input (a linear input above)
+        mlp = weight_only = 0.0
     if frozen:
-        weight_only += local / sp * 4 * e * H + local / tp * (2 * e * q + e * kv)
-        return seq_split + qk_norm + rope + attention + projection + mlp - weight_only
-    return seq_split + qk_norm + rope + attention + projection + mlp
+        # No weight gradient: no linear keeps its input (a checkpoint still keeps its own), and a norm
+        # keeps only what its input gradient needs.
+        if "layernorm" in selective:  # the two norm checkpoints' inputs
+            norms = local / sp * 2 * e * H
+        else:  # and the MLP checkpoint's input where it is one
+            norms = local / sp * (2 * (4 * H + 4) + (e * H if ("moe" if moe else "mlp") in selective else 0))
+        weight_only += local / tp * (2 * e * q + e * kv)
+        return norms + qk_norm + rope + attention + projection + mlp - weight_only
+    return norms + linear_inputs + qk_norm + rope + attention + projection + mlp
 
 
 def llm_layer_input(config: Qwen3VLConfig, row: Row, layout: ParallelLayout) -> float:
@@ -113,20 +135,31 @@ def llm_layer_input(config: Qwen3VLConfig, row: Row, layout: ParallelLayout) -> 
     return row.tokens / layout.cp / sp * row.element * config.text.hidden_size
 
 
+def labelled_tokens(config: Qwen3VLConfig, row: Row, layout: ParallelLayout) -> float:
+    """Rows of this CP rank that carry a label: the text tokens (visual tokens have none). Only these
+    reach the output layer and the cross entropy (``model/qwen3vl.py``)."""
+    if row.labelled is not None:
+        return row.labelled / layout.cp
+    visual = row.patches / config.vision.spatial_merge_size ** 2
+    return max(row.tokens - visual, 0.0) / layout.cp
+
+
 def head(config: Qwen3VLConfig, row: Row, layout: ParallelLayout, frozen: bool = False) -> float:
-    """The last stage: final RMSNorm, output-layer input and the fp32 cross-entropy softmax [T, V/tp]
-    (``frozen``: without the norm output and layer input that only its weight gradients need)."""
+    """The last stage: final RMSNorm over every row, the labelled rows' output-layer input and their fp32
+    cross-entropy softmax [labelled, V/tp] (``frozen``: without the norm output and layer input that only
+    its weight gradients need)."""
     t, e = config.text, row.element
     sp = layout.tp if layout.sequence_parallel else 1
-    local = row.tokens / layout.cp
+    local, labelled = row.tokens / layout.cp, labelled_tokens(config, row, layout)
     masks = 10  # label masks and gather index per token
-    return (local / sp * (4 * t.hidden_size + 4 + (0 if frozen else 2) * e * t.hidden_size)
-            + local * (FP32 * t.vocab_size / layout.tp + masks))
+    weights_need = 0 if frozen else 1
+    return (local / sp * (4 * t.hidden_size + 4 + weights_need * e * t.hidden_size)
+            + labelled / sp * weights_need * e * t.hidden_size + labelled * (FP32 * t.vocab_size / layout.tp + masks))
 
 
 def head_transient(config: Qwen3VLConfig, row: Row, layout: ParallelLayout) -> float:
-    """Cross entropy's backward holds an fp32 logits gradient [T, V/tp] next to the saved softmax."""
-    return row.tokens / layout.cp * FP32 * config.text.vocab_size / layout.tp
+    """Cross entropy's backward holds an fp32 logits gradient [labelled, V/tp] next to the saved softmax."""
+    return labelled_tokens(config, row, layout) * FP32 * config.text.vocab_size / layout.tp
 
 
 # ---- ViT ---------------------------------------------------------------------------------------------
@@ -190,7 +223,7 @@ def chunk_activations(config: Qwen3VLConfig, row: Row, layout: ParallelLayout, r
     visual = bool(row.patches) and (vision_trains or merger_trains)
     if not (llm_trains or visual):
         return out  # no gradient reaches this model at all
-    selective = recompute.granularity == "selective"
+    selective = recompute.modules if recompute.granularity == "selective" else ()
     moe = config.text.is_moe_layer
     frozen = not llm_trains
     bytes_of = {kind: llm_layer(config, row, layout, kind, selective, frozen) for kind in (False, True)}

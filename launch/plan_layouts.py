@@ -227,12 +227,20 @@ def _row_flops(dims: FlopDims, work: Workload) -> dict[str, float]:
 def step_time(model, layout: ParallelLayout, stages: list[int], params: list[RankParams], dp: int,
               expert_dp: int, microbatches: int, work: Workload, hw: Hardware) -> tuple[float, dict[str, float]]:
     t = model.text
-    count = _row_flops(FlopDims.from_model_config(model), work)
+    dims = FlopDims.from_model_config(model)
+    count = _row_flops(dims, work)
     rows = work.micro_batch_rows
     r = work.recompute
     llm_factor = 4 / 3 if r.granularity == "full" else 1.0
-    attention_extra = count.get("llm_attention", 0.0) / 3 if r.granularity == "selective" else 0.0
-    per_layer = (llm_factor * (count.get("llm", 0.0) + count.get("llm_attention", 0.0)) + attention_extra) / t.num_layers
+    # Selective recompute redoes the forward (a third of forward + backward) of what it names.
+    redone = set(r.modules) if r.granularity == "selective" else set()
+    extra = count.get("llm_attention", 0.0) / 3 if "core_attn" in redone else 0.0
+    if redone & {"mlp", "moe"}:
+        layers = range(t.num_layers)
+        mlp_share = (sum(dims.llm_layer_mlp_per_token(i) for i in layers if ("moe" if i in dims.moe_layers else "mlp")
+                         in redone) / sum(dims.llm_layer_linear_per_token(i) for i in layers))
+        extra += count.get("llm", 0.0) * mlp_share / 3
+    per_layer = (llm_factor * (count.get("llm", 0.0) + count.get("llm_attention", 0.0)) + extra) / t.num_layers
     vision = sum(count.get(k, 0.0) for k in ("vision", "vision_attention", "merger", "deepstack_merger"))
     vision *= 4 / 3 if r.vision else 1.0
     split = layout.tp * layout.cp

@@ -84,6 +84,10 @@ def _row(config: Qwen3VLConfig, seq_length: int):
         words = torch.randint(0, 1000, (text,), generator=generator).tolist()
         ids_t, types_t = torch.tensor(ids + words), torch.tensor(types + [TEXT] * text)
         labels = torch.cat([ids_t[1:], torch.tensor([IGNORE_INDEX])])
+        # As the encoder labels a caption: only text is predicted, not the picture or its markers.
+        targets = torch.cat([types_t[1:], torch.tensor([TEXT])])
+        markers = (labels == config.vision_start_token_id) | (labels == config.vision_end_token_id)
+        labels[(targets != TEXT) | markers] = IGNORE_INDEX
         position = get_rope_index(ids_t, grid if image else None, None, types_t)
         pixels = torch.randn(int(grid.prod(-1).sum()) if image else 0, config.vision.patch_dim, generator=generator)
         media = (PatchRows(pixels.numpy()),) if image else ()
@@ -99,7 +103,11 @@ def _row(config: Qwen3VLConfig, seq_length: int):
 def _count_saved(model: torch.nn.Module, parts: dict[str, torch.nn.Module]) -> Iterator[dict[str, int]]:
     counts = {name: 0 for name in parts} | {"other": 0}
     stack = ["other"]
-    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    # Each saved storage once, by identity (not address: freed memory is handed out again), with the part
+    # that saved it first; its size is read when the forward is over, as it is then held for backward:
+    # the norms' recompute (megatron's CheckpointWithoutOutput) frees an output a linear saved, in place.
+    saved: dict[int, tuple[str, torch.UntypedStorage]] = {}
 
     def enter(name):
         def hook(module, args) -> None:
@@ -116,9 +124,8 @@ def _count_saved(model: torch.nn.Module, parts: dict[str, torch.nn.Module]) -> I
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            counts[stack[-1]] += storage.nbytes()
+        if storage.data_ptr() not in weights:
+            saved.setdefault(storage._cdata, (stack[-1], storage))
         return tensor
 
     try:
@@ -127,6 +134,9 @@ def _count_saved(model: torch.nn.Module, parts: dict[str, torch.nn.Module]) -> I
     finally:
         for handle in handles:
             handle.remove()
+        for part, storage in saved.values():
+            counts[part] += storage.nbytes()
+        saved.clear()
 
 
 def measure(config: Qwen3VLConfig, recompute: Recompute, trainable=("all",), seq_length: int = 1024) -> Measured:
@@ -139,12 +149,7 @@ def measure(config: Qwen3VLConfig, recompute: Recompute, trainable=("all",), seq
     layout = ParallelLayout()
     initialize_parallel(layout)
     try:
-        overrides = {}
-        if recompute.granularity == "selective":
-            overrides = dict(recompute_granularity="selective")
-        elif recompute.granularity == "full":
-            overrides = dict(recompute_granularity="full", recompute_method=recompute.method,
-                             recompute_num_layers=recompute.num_layers)
+        overrides = recompute.config().megatron_overrides()
         [model] = build_model_chunks(small, torch.bfloat16, calculate_per_token_loss=True,
                                      vision_recompute=recompute.vision, **overrides)
         apply_freeze([model], list(trainable))
@@ -156,7 +161,8 @@ def measure(config: Qwen3VLConfig, recompute: Recompute, trainable=("all",), seq
             loss = model(**inputs.model_kwargs())
         loss.sum().backward()
         patches = int(row.pixel_values.shape[0])
-        predicted = chunk_activations(small, Row(seq_length, patches), layout, recompute,
+        labelled = int((row.labels != IGNORE_INDEX).sum())  # the row's own, padding and pictures left out
+        predicted = chunk_activations(small, Row(seq_length, patches, labelled=labelled), layout, recompute,
                                       range(small.text.num_layers), True, True,
                                       frozenset(trainable_parts(list(trainable))))
         return Measured(seq_length, patches, dict(counts),

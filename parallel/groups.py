@@ -104,6 +104,7 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234, timeout_s: flo
         model_parallel_cuda_manual_seed)
 
     define_router_gemm_fallback()
+    define_norm_recompute_fallback()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -129,6 +130,26 @@ def define_router_gemm_fallback() -> None:
     from megatron.core.transformer.moe import moe_utils  # lazy: keeps the launcher free of megatron
 
     vars(moe_utils).setdefault("te_general_gemm", None)
+
+
+def define_norm_recompute_fallback() -> None:
+    """megatron-core 0.16.1's ``CheckpointWithoutOutput`` (selective recompute of the norms,
+    ``recompute_modules`` "layernorm") sets ``self.fp8 = fp8 is not None``, so it always takes its FP8
+    branch, which calls transformer-engine: without TE every such forward raised NameError, on GPU as on
+    CPU. Without TE there is no FP8, so the flag is cleared after megatron's own ``__init__``."""
+    from megatron.core.tensor_parallel import random  # lazy: keeps the launcher free of megatron
+
+    checkpoint = random.CheckpointWithoutOutput
+    if random.HAVE_TE or getattr(checkpoint, "_fp8_needs_te", False):
+        return
+    init = checkpoint.__init__
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.fp8 = False
+
+    checkpoint.__init__ = __init__
+    checkpoint._fp8_needs_te = True  # applied once per process
 
 
 def _single_process_rendezvous() -> dict:

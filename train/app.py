@@ -71,15 +71,6 @@ def dtype_of(cfg: Qwen3VLTrainConfig, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def recompute_overrides(cfg: Qwen3VLTrainConfig) -> dict[str, Any]:
-    r = cfg.train.recompute
-    if r.granularity is None:
-        return {}
-    if r.granularity == "selective":
-        return dict(recompute_granularity="selective")
-    return dict(recompute_granularity="full", recompute_method=r.method, recompute_num_layers=r.num_layers)
-
-
 def build_training_chunks(cfg: Qwen3VLTrainConfig, model_config, dtype: torch.dtype,
                           device: torch.device) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage) as the run's config wants them, on
@@ -87,7 +78,7 @@ def build_training_chunks(cfg: Qwen3VLTrainConfig, model_config, dtype: torch.dt
     chunks = build_model_chunks(model_config, dtype, cfg.parallel.pipeline_layers,
                                 calculate_per_token_loss=True, sequence_parallel=cfg.parallel.sequence_parallel,
                                 cp_comm_type=cfg.parallel.cp_comm_type, device=device,
-                                vision_recompute=cfg.train.recompute.vision, **recompute_overrides(cfg))
+                                vision_recompute=cfg.train.recompute.vision, **cfg.train.recompute.megatron_overrides())
     for chunk in chunks:
         if not hasattr(chunk, "model_type"):  # megatron's schedules read it (GPTModel sets it itself)
             chunk.model_type = ModelType.encoder_or_decoder

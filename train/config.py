@@ -212,12 +212,27 @@ class ScheduleCfg:
     on_resume: OnResume = OnResume.refuse  # a resume whose config changes the saved schedule
 
 
+# What selective recompute may redo in the LLM's layers (megatron's recompute_modules): the attention core,
+# both norms (their outputs are dropped once the next linear has read them), the dense MLP, the MoE layer.
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe")
+
+
 @dataclass
 class RecomputeCfg:
-    granularity: Optional[str] = None  # null, "selective" (attention core) or "full"
+    granularity: Optional[str] = None  # null, "selective" (the parts in ``modules``) or "full"
     method: str = "uniform"  # full: "uniform" or "block"
     num_layers: int = 1  # full: layers per recompute unit (uniform) or recomputed layers (block)
     vision: bool = False  # also recompute the ViT blocks
+    # selective: which of RECOMPUTE_MODULES; e.g. [layernorm, mlp] keeps less than the attention core alone
+    modules: List[str] = field(default_factory=lambda: ["core_attn"])
+
+    def megatron_overrides(self) -> dict[str, Any]:
+        """The TransformerConfig fields of this setting (for the LLM; the ViT follows ``vision``)."""
+        if self.granularity is None:
+            return {}
+        if self.granularity == "selective":
+            return dict(recompute_granularity="selective", recompute_modules=list(self.modules))
+        return dict(recompute_granularity="full", recompute_method=self.method, recompute_num_layers=self.num_layers)
 
 
 @dataclass

@@ -13,7 +13,8 @@ from typing import Any
 
 from qwen3vl.model.presets import get_preset
 from qwen3vl.parallel.layout import ALL_GATHER_CP_COMM_TYPES, CP_COMM_TYPES
-from qwen3vl.train.config import (TRAINABLE_PARTS, ConfigError, Qwen3VLTrainConfig, run_shape)
+from qwen3vl.train.config import (RECOMPUTE_MODULES, TRAINABLE_PARTS, ConfigError, Qwen3VLTrainConfig, RecomputeCfg,
+                                  run_shape)
 from qwen3vl.train.schedule import horizon, resume_problems
 
 DEMO_SHARDS = "demo"
@@ -179,6 +180,13 @@ def _train_problems(cfg: Qwen3VLTrainConfig) -> list[str]:
         found.append(f"train.recompute.method={r.method!r}: use uniform or block")
     if r.num_layers < 1:
         found.append(f"train.recompute.num_layers={r.num_layers} must be at least 1")
+    unknown = [m for m in r.modules if m not in RECOMPUTE_MODULES]
+    if unknown or not r.modules:
+        found.append(f"train.recompute.modules={list(r.modules)}: use a non-empty list of "
+                     f"{', '.join(RECOMPUTE_MODULES)} (with granularity selective)")
+    elif r.granularity != "selective" and list(r.modules) != RecomputeCfg().modules:
+        found.append(f"train.recompute.modules={list(r.modules)} takes effect only with "
+                     f"train.recompute.granularity=selective (it is {r.granularity})")
     return found
 
 

@@ -86,11 +86,13 @@ class FlopDims:
     def llm_layer_linear_per_token(self, layer: int) -> float:
         qkv = 2 * self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim
         attn = qkv + 2 * self.heads * self.head_dim * self.hidden  # + the output projection
+        return float(attn + self.llm_layer_mlp_per_token(layer))
+
+    def llm_layer_mlp_per_token(self, layer: int) -> float:
+        """The MLP's share of ``llm_layer_linear_per_token`` (the router and experts in an MoE layer)."""
         if layer in self.moe_layers:
-            mlp = 2 * self.hidden * self.experts + self.top_k * 6 * self.hidden * self.moe_ffn
-        else:
-            mlp = 6 * self.hidden * self.ffn
-        return float(attn + mlp)
+            return float(2 * self.hidden * self.experts + self.top_k * 6 * self.hidden * self.moe_ffn)
+        return float(6 * self.hidden * self.ffn)
 
     def llm_attention_per_pair(self) -> float:
         return 4.0 * self.heads * self.head_dim  # QKᵀ and PV

@@ -71,7 +71,7 @@ def count_row(batch):
 
 
 initialize_parallel(ParallelLayout())
-recompute = {"selective": dict(recompute_granularity="selective"),
+recompute = {"selective": dict(recompute_granularity="selective", recompute_modules=["layernorm", "mlp"]),
              "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
 t0 = time.time()
 chunks = build_model_chunks(config, dtype, calculate_per_token_loss=True, vision_recompute=args.recompute == "full",

@@ -31,7 +31,11 @@ MOE_GRAD_KEYS = ("model.language_model.layers.1.mlp.experts.gate_up_proj",
                  "model.language_model.layers.3.mlp.experts.down_proj", "model.language_model.layers.1.mlp.gate.weight")
 
 
-def _parity_body(preset: str, recompute: bool = False) -> dict:
+# Selective recompute of everything megatron can redo in our layers (recompute_modules), by preset kind.
+SELECTIVE = {"dense": ["core_attn", "layernorm", "mlp"], "moe": ["core_attn", "layernorm", "moe"]}
+
+
+def _parity_body(preset: str, recompute: str = "") -> dict:
     from qwen3vl.model.build import build_model_chunks
     from qwen3vl.model.interop.hf_reference import build_hf_model
     from qwen3vl.model.interop.hf_weights import hf_to_mcore_state_dict, mcore_to_hf_state_dict
@@ -47,8 +51,11 @@ def _parity_body(preset: str, recompute: bool = False) -> dict:
     hf = build_hf_model(config)
     # No router aux loss here: transformers adds none without output_router_logits (tested separately).
     # Full activation recompute re-runs every layer in backward: DeepStack features must survive it.
-    overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
-        if recompute else {}
+    # Selective recompute re-runs the named parts (the norms' outputs are dropped in place, then refilled).
+    overrides = {"": {}, "recompute": dict(recompute_granularity="full", recompute_method="uniform",
+                                           recompute_num_layers=1),
+                 "selective": dict(recompute_granularity="selective",
+                                   recompute_modules=SELECTIVE["moe" if config.is_moe else "dense"])}[recompute]
     [model] = build_model_chunks(config, moe_aux_loss_coeff=0.0, **overrides)
     full = hf_to_mcore_state_dict(hf.state_dict(), config)
     load_full_state_dict(model, full)
@@ -103,10 +110,11 @@ def _parity_body(preset: str, recompute: bool = False) -> dict:
     return result
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-moe", "tiny-tied", "tiny+recompute"])
+@pytest.fixture(scope="module", params=["tiny", "tiny-moe", "tiny-tied", "tiny+recompute", "tiny+selective",
+                                        "tiny-moe+selective"])
 def parity(request):
     preset, _, extra = request.param.partition("+")
-    return run_distributed(_parity_body, world_size=1, timeout=300, preset=preset, recompute=extra == "recompute")[0]
+    return run_distributed(_parity_body, world_size=1, timeout=300, preset=preset, recompute=extra)[0]
 
 
 def test_converted_names_are_exactly_the_model_parameters(parity):

@@ -81,6 +81,17 @@ def test_layout_error_names_the_rule_and_the_fix():
     assert "parallel.tp=8 does not divide the 4 ViT heads" in msg
 
 
+def test_recompute_modules_are_megatrons_and_need_selective_granularity():
+    selective = "train.recompute.granularity=selective"
+    cfg = load_config("stage1_mm", TINY + [selective, "train.recompute.modules=[layernorm,mlp]"], world_size=2)
+    assert cfg.train.recompute.megatron_overrides() == dict(recompute_granularity="selective",
+                                                            recompute_modules=["layernorm", "mlp"])
+    msg = _error("stage1_mm", TINY + [selective, "train.recompute.modules=[layernorm,mlp_act]"])
+    assert "train.recompute.modules=['layernorm', 'mlp_act']: use a non-empty list of core_attn, layernorm" in msg
+    msg = _error("stage1_mm", TINY + ["train.recompute.granularity=null", "train.recompute.modules=[mlp]"])
+    assert "takes effect only with train.recompute.granularity=selective (it is None)" in msg
+
+
 def test_s3_length_not_divisible_by_two_cp():
     msg = _error("stage3_256k", ["train.seq_length=262000"], world_size=64, check_paths=False)
     assert "train.seq_length=262000 is not divisible by 128 (2·parallel.cp = 32 × parallel.tp = 4" in msg
