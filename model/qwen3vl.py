@@ -74,12 +74,17 @@ class Qwen3VLModel(LanguageModule):
         self.decoder.set_input_tensor(input_tensor)
 
     # --- first stage --------------------------------------------------------------------------------
-    def _encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+    def _encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, device: torch.device):
+        # The pixels may still be on the host (MicroBatch.to(media=False)): the tower's input goes to
+        # ``device`` here, under CP only this rank's share of the row's media.
+        def encode(pixels: torch.Tensor, grid: torch.Tensor):
+            return self.vision(pixels.to(device, non_blocking=True), grid)
+
         if parallel_state.get_context_parallel_world_size() > 1:
-            return encode_vision_across_cp(self.vision, pixel_values, grid_thw,
+            return encode_vision_across_cp(encode, pixel_values, grid_thw,
                                            spatial_merge_size=self.model_config.vision.spatial_merge_size,
                                            on_idle=lambda: self._vision_keepalive(grid_thw.device))
-        return self.vision(pixel_values, grid_thw)
+        return encode(pixel_values, grid_thw)
 
     def _vision_keepalive(self, device: torch.device) -> Optional[torch.Tensor]:
         """A zero that depends on every trainable parameter of the vision tower and its mergers (None when
@@ -110,7 +115,7 @@ class Qwen3VLModel(LanguageModule):
             if visual_index is None:
                 raise ValueError("pixel_values given without visual_index (the ordinal of each visual token; "
                                  "see qwen3vl.parallel.micro_batch.MicroBatch)")
-            features, deepstack = self._encode_vision(pixel_values, grid_thw)
+            features, deepstack = self._encode_vision(pixel_values, grid_thw, input_ids.device)
             positions = torch.nonzero(visual_index >= 0).squeeze(1)
             ordinals = visual_index[positions]
             hidden = hidden.index_copy(0, positions, features[ordinals].to(hidden.dtype))

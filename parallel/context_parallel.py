@@ -203,12 +203,12 @@ def encode_vision_across_cp(encoder_fn: Callable, pixel_values: torch.Tensor, gr
     split = split_media_by_cost(grid_thw, cp_size, split_videos=split_videos,
                                 spatial_merge_size=spatial_merge_size)
     mine = split.units_of(rank)
-    device = pixel_values.device
+    device = grid_thw.device  # the compute device; the pixels may still be on the host (only a share moves)
 
     local = None
     if mine:
         rows = torch.cat([torch.arange(split.patch_start[u], split.patch_start[u] + split.patches[u]) for u in mine])
-        merged, deepstack = encoder_fn(pixel_values[rows.to(device)], split.grid[mine].to(grid_thw.device))
+        merged, deepstack = encoder_fn(pixel_values[rows.to(pixel_values.device)], split.grid[mine].to(device))
         local = torch.cat([merged, *deepstack], dim=-1)  # one collective for all features, one backward
         meta = [local.shape[0], local.shape[1], 1 + len(deepstack), _DTYPES.index(local.dtype),
                 int(local.requires_grad)]

@@ -81,8 +81,12 @@ class MicroBatch:
                     grid_thw=self.grid_thw, visual_index=self.visual_index,
                     labels=self.labels if with_labels else None, gather_index=self.gather_index)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "MicroBatch":
-        """A copy with every tensor (the packed-sequence lengths included) on ``device``."""
+    def to(self, device: torch.device | str, non_blocking: bool = False, media: bool = True) -> "MicroBatch":
+        """A copy with every tensor (the packed-sequence lengths included) on ``device``. ``media=False``
+        leaves ``pixel_values`` where they are (the host, pinned by the loader on a GPU machine): the
+        model moves a row's pixels, or this CP rank's share of them, when its vision tower runs. A step
+        moves all its micro-batches at once, and their pixels are most of their bytes (a 32K row at half
+        visual tokens: 400 MB of float32), so on the device they would hold gigabytes through the step."""
         device = torch.device(device)
         return replace(self, **{f.name: _moved(getattr(self, f.name), device, non_blocking)
-                                for f in fields(self)})
+                                for f in fields(self) if media or f.name != "pixel_values"})

@@ -113,7 +113,7 @@ def microbatch_converter(device: torch.device):
     """A packed row -> this CP rank's micro-batch on ``device``."""
     def to_microbatch(batch) -> MicroBatch:
         inputs = model_inputs(batch, cp_rank=ps.get_context_parallel_rank(), cp_size=ps.get_context_parallel_world_size())
-        return inputs.to(device, non_blocking=True)
+        return inputs.to(device, non_blocking=True, media=False)  # pixels go when the vision tower runs
 
     return to_microbatch
 

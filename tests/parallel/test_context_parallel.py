@@ -11,6 +11,7 @@ from qwen3vl.data.batch import IGNORE_INDEX, IMAGE, PackedBatch
 from qwen3vl.model.attention import PackedCoreAttention
 from qwen3vl.parallel.micro_batch import build_packed_seq_params
 from qwen3vl.parallel.context_parallel import model_inputs, zigzag_index
+from qwen3vl_testing.distributed import run_distributed
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 
@@ -75,6 +76,31 @@ def test_model_inputs_cp1_is_the_whole_row():
     assert torch.equal(inputs.visual_index, expected_visual)
     assert inputs.packed_seq_params.cu_seqlens_q_padded.tolist() == batch.cu_seqlens_padded.tolist()
     assert inputs.pixel_values is batch.pixel_values and inputs.grid_thw is batch.grid_thw
+
+
+def test_a_micro_batch_can_leave_its_pixels_on_the_host():
+    # A training step moves all its micro-batches to the device at once; their pixels, most of their bytes,
+    # stay on the host until the vision tower runs (the model moves them, under CP only this rank's share).
+    inputs = model_inputs(tiny_batch())
+    moved = inputs.to("meta", media=False)
+    assert moved.pixel_values is inputs.pixel_values
+    assert {t.device.type for t in (moved.input_ids, moved.labels, moved.grid_thw, moved.visual_index,
+                                    moved.packed_seq_params.cu_seqlens_q)} == {"meta"}
+    assert inputs.to("meta").pixel_values.device.type == "meta"
+
+
+def _training_converter_body() -> dict:
+    from qwen3vl.parallel.groups import initialize_parallel
+    from qwen3vl.parallel.layout import ParallelLayout
+    from qwen3vl.train.app import microbatch_converter
+
+    initialize_parallel(ParallelLayout())
+    mb = microbatch_converter(torch.device("meta"))(tiny_batch())
+    return {"pixels": mb.pixel_values.device.type, "tokens": mb.input_ids.device.type}
+
+
+def test_the_training_step_keeps_pixels_on_the_host_until_the_vision_tower():
+    assert run_distributed(_training_converter_body, world_size=1)[0] == {"pixels": "cpu", "tokens": "meta"}
 
 
 def test_model_inputs_cp2_cuts_every_field_with_one_index():
