@@ -97,7 +97,6 @@ class SharedRowPool:
         self.free = free.numpy()
         self.max_patches = max_patches
         self._buffers: list[torch.Tensor | None] = [None] * len(self.free)
-        self._slot_of: dict[int, int] = {}  # a slot's storage address -> the slot
 
     def __call__(self, num_patches: int) -> torch.Tensor:
         if num_patches == 0:  # nothing to map
@@ -112,16 +111,17 @@ class SharedRowPool:
                 return shared_rows(num_patches)
             # A slot never used, else the smallest free one, made large enough.
             slot = unused[0] if unused else min(ready, key=lambda i: self._buffers[i].shape[0])
-            if self._buffers[slot] is not None:
-                del self._slot_of[self._buffers[slot].untyped_storage().data_ptr()]
             self._buffers[slot] = shared_rows(buffer_patches(num_patches, self.max_patches))
-            self._slot_of[self._buffers[slot].untyped_storage().data_ptr()] = slot
         self.free[slot] = 0
         return self._buffers[slot][:num_patches]
 
     def slot(self, rows: torch.Tensor) -> int | None:
         """The slot ``rows`` (a tensor this pool handed out) lives in; None for memory outside the pool."""
-        return self._slot_of.get(rows.untyped_storage().data_ptr()) if rows.numel() else None
+        if rows.numel() == 0:
+            return None
+        address = rows.untyped_storage().data_ptr()
+        return next((i for i, b in enumerate(self._buffers)
+                     if b is not None and b.untyped_storage().data_ptr() == address), None)
 
 
 def released_when_unused(rows: torch.Tensor, free: torch.Tensor, slot: int) -> torch.Tensor:

@@ -24,7 +24,6 @@ import warnings
 from dataclasses import replace
 from typing import Optional, Sequence
 
-from qwen3vl.launch.plan_activations import Recompute
 from qwen3vl.launch.plan_layouts import GPUS, Workload, balanced_split, evaluate, plan_all, with_layout
 from qwen3vl.launch.plan_measure import measure
 from qwen3vl.launch.plan_params import RoleCounter, build_roles, hide_gpus
@@ -92,7 +91,7 @@ def _workload(cfg, args):
     return Workload(seq_length=t.seq_length, global_rows=t.global_batch_tokens // t.seq_length,
                     micro_batch_rows=t.micro_batch_rows, visual_fraction=args.visual_fraction,
                     segment_length=min(args.segment_length or t.seq_length, t.seq_length),
-                    recompute=Recompute.from_config(cfg), trainable=tuple(cfg.train.trainable))
+                    recompute=cfg.train.recompute, trainable=tuple(cfg.train.trainable))
 
 
 def _hardware(args):

@@ -50,23 +50,6 @@ ALL = frozenset(PARTS)  # every part trains
 
 
 @dataclass(frozen=True)
-class Recompute:
-    granularity: Optional[str] = None  # None, "selective" or "full"
-    method: str = "uniform"
-    num_layers: int = 1
-    vision: bool = False
-    modules: tuple[str, ...] = ("core_attn",)  # selective: what is redone (train.recompute.modules)
-
-    @classmethod
-    def from_config(cls, cfg) -> "Recompute":
-        r = cfg.train.recompute
-        return cls(r.granularity, r.method, r.num_layers, r.vision, tuple(r.modules))
-
-    def config(self) -> RecomputeCfg:
-        return RecomputeCfg(self.granularity, self.method, self.num_layers, self.vision, list(self.modules))
-
-
-@dataclass(frozen=True)
 class Row:
     """One micro-batch: ``tokens`` of a packed row (global, before CP), ``patches`` of its media."""
 
@@ -79,9 +62,9 @@ class Row:
 # ---- LLM -------------------------------------------------------------------------------------------
 
 def llm_layer(config: Qwen3VLConfig, row: Row, layout: ParallelLayout, moe: bool,
-              selective: tuple[str, ...] = (), frozen: bool = False) -> float:
-    """Bytes one LLM layer saves for one micro-batch on one rank (no full recompute). ``selective``: the
-    parts megatron recomputes (``recompute_modules``). ``frozen``: its weights do not train but gradients
+              recompute: RecomputeCfg = RecomputeCfg(), frozen: bool = False) -> float:
+    """Bytes one LLM layer saves for one micro-batch on one rank (no full recompute; ``recompute``: the
+    run's setting, of which only selective recompute counts here). ``frozen``: its weights do not train but gradients
     pass through it (stage 0), so what only the weight gradients need is not kept: the linears' inputs
     and the norms' normalised outputs."""
     t, e = config.text, row.element
@@ -94,13 +77,13 @@ def llm_layer(config: Qwen3VLConfig, row: Row, layout: ParallelLayout, moe: bool
     keys = row.tokens * (2 * cp + 1) / (2 * cp) if cp > 1 else row.tokens  # the gathered prefixes it keeps
     norms = local / sp * 2 * (4 * H + 4 + e * H)  # each: fp32 input, 1/rms, normalised output
     linear_inputs = local / sp * 2 * e * H  # QKV's and the MLP's (or router's): the norms' outputs
-    if "layernorm" in selective:
+    if recompute.redoes("layernorm"):
         # Run without autograd; the checkpoint keeps each norm's input and frees its output once the
         # next linear saved it (refilled in backward): the linear inputs' bytes are the inputs now.
         norms = 0.0
     qk_norm = local / tp * (4 * q + 4 * heads + e * q + 4 * kv + 4 * kv_heads + e * kv)
     rope = local * 4 * e * d
-    if "core_attn" in selective:  # keeps q, k and the fused QKV output (v is a view of it)
+    if recompute.redoes("core_attn"):  # keeps q, k and the fused QKV output (v is a view of it)
         attention = local / tp * (e * q + e * kv + e * (q + 2 * kv))
     else:
         attention = (local / tp * (3 * e * q + FP32 * heads) + keys / tp * 2 * e * kv + local * 3 * INDEX)
@@ -115,15 +98,15 @@ def llm_layer(config: Qwen3VLConfig, row: Row, layout: ParallelLayout, moe: bool
     else:
         mlp = local / tp * 5 * e * t.intermediate_size
         weight_only = local / tp * e * t.intermediate_size  # fc2's input
-    if ("moe" if moe else "mlp") in selective:  # the checkpoint keeps only the input (a linear input above)
+    if recompute.redoes("mlp", moe):  # the checkpoint keeps only the input (a linear input above)
         mlp = weight_only = 0.0
     if frozen:
         # No weight gradient: no linear keeps its input (a checkpoint still keeps its own), and a norm
         # keeps only what its input gradient needs.
-        if "layernorm" in selective:  # the two norm checkpoints' inputs
+        if recompute.redoes("layernorm"):  # the two norm checkpoints' inputs
             norms = local / sp * 2 * e * H
         else:  # and the MLP checkpoint's input where it is one
-            norms = local / sp * (2 * (4 * H + 4) + (e * H if ("moe" if moe else "mlp") in selective else 0))
+            norms = local / sp * (2 * (4 * H + 4) + (e * H if recompute.redoes("mlp", moe) else 0))
         weight_only += local / tp * (2 * e * q + e * kv)
         return norms + qk_norm + rope + attention + projection + mlp - weight_only
     return norms + linear_inputs + qk_norm + rope + attention + projection + mlp
@@ -212,7 +195,7 @@ class StageActivations:
         return self.saved + self.transient
 
 
-def chunk_activations(config: Qwen3VLConfig, row: Row, layout: ParallelLayout, recompute: Recompute,
+def chunk_activations(config: Qwen3VLConfig, row: Row, layout: ParallelLayout, recompute: RecomputeCfg,
                       layers: range, first: bool, last: bool, trainable: frozenset = ALL) -> StageActivations:
     """Saved bytes of one model chunk (its LLM layers, the vision tower on the first, the head on the
     last) for one micro-batch, and the transient working set its backward adds. ``trainable``: the parts
@@ -223,10 +206,9 @@ def chunk_activations(config: Qwen3VLConfig, row: Row, layout: ParallelLayout, r
     visual = bool(row.patches) and (vision_trains or merger_trains)
     if not (llm_trains or visual):
         return out  # no gradient reaches this model at all
-    selective = recompute.modules if recompute.granularity == "selective" else ()
     moe = config.text.is_moe_layer
     frozen = not llm_trains
-    bytes_of = {kind: llm_layer(config, row, layout, kind, selective, frozen) for kind in (False, True)}
+    bytes_of = {kind: llm_layer(config, row, layout, kind, recompute, frozen) for kind in (False, True)}
     ordered = list(layers)
     full_units: list[list[int]] = []  # fully recomputed units of consecutive layers
     plain = ordered
@@ -282,7 +264,7 @@ def in_flight(layout: ParallelLayout, rank: int, microbatches: int) -> list[int]
     return counts
 
 
-def rank_activations(config: Qwen3VLConfig, row: Row, layout: ParallelLayout, recompute: Recompute,
+def rank_activations(config: Qwen3VLConfig, row: Row, layout: ParallelLayout, recompute: RecomputeCfg,
                      stage_layers: list[int], rank: int, microbatches: int,
                      trainable: frozenset = ALL) -> StageActivations:
     """Activation bytes of pipeline rank ``rank`` at its peak. ``stage_layers``: LLM layers per

@@ -28,11 +28,11 @@ import itertools
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
-from qwen3vl.launch.plan_activations import Recompute, Row, rank_activations
+from qwen3vl.launch.plan_activations import Row, rank_activations
 from qwen3vl.launch.plan_params import RankParams, RoleCounter
 from qwen3vl.parallel.layout import ParallelLayout
 from qwen3vl.train.flops import FlopDims, peak_tflops, row_flops
-from qwen3vl.train.config import ConfigError
+from qwen3vl.train.config import ConfigError, RecomputeCfg
 from qwen3vl.train.config_checks import validate
 from qwen3vl.train.freeze import trainable_parts
 
@@ -71,7 +71,7 @@ class Workload:
     micro_batch_rows: int
     visual_fraction: float  # share of a row's tokens that are image/video tokens
     segment_length: int  # tokens per packed sample (attention cost grows with its square)
-    recompute: Recompute
+    recompute: RecomputeCfg = field(hash=False)  # train.recompute (a list inside: not hashed)
     trainable: tuple[str, ...]
     efficiency: float = 0.45  # achieved share of the bf16 peak on the GEMMs
 
@@ -233,13 +233,11 @@ def step_time(model, layout: ParallelLayout, stages: list[int], params: list[Ran
     r = work.recompute
     llm_factor = 4 / 3 if r.granularity == "full" else 1.0
     # Selective recompute redoes the forward (a third of forward + backward) of what it names.
-    redone = set(r.modules) if r.granularity == "selective" else set()
-    extra = count.get("llm_attention", 0.0) / 3 if "core_attn" in redone else 0.0
-    if redone & {"mlp", "moe"}:
-        layers = range(t.num_layers)
-        mlp_share = (sum(dims.llm_layer_mlp_per_token(i) for i in layers if ("moe" if i in dims.moe_layers else "mlp")
-                         in redone) / sum(dims.llm_layer_linear_per_token(i) for i in layers))
-        extra += count.get("llm", 0.0) * mlp_share / 3
+    extra = count.get("llm_attention", 0.0) / 3 if r.redoes("core_attn") else 0.0
+    layers = range(t.num_layers)
+    mlp_share = (sum(dims.llm_layer_mlp_per_token(i) for i in layers if r.redoes("mlp", i in dims.moe_layers))
+                 / sum(dims.llm_layer_linear_per_token(i) for i in layers))
+    extra += count.get("llm", 0.0) * mlp_share / 3
     per_layer = (llm_factor * (count.get("llm", 0.0) + count.get("llm_attention", 0.0)) + extra) / t.num_layers
     vision = sum(count.get(k, 0.0) for k in ("vision", "vision_attention", "merger", "deepstack_merger"))
     vision *= 4 / 3 if r.vision else 1.0

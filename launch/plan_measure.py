@@ -22,10 +22,11 @@ from qwen3vl.data.encoded_sample import EncodedSample, PatchRows
 from qwen3vl.data.packing import build_row
 from qwen3vl.data.rope_index import get_rope_index
 from qwen3vl.data.tokenizer import ENDOFTEXT
-from qwen3vl.launch.plan_activations import Recompute, Row, chunk_activations
+from qwen3vl.launch.plan_activations import Row, chunk_activations
 from qwen3vl.model.config import Qwen3VLConfig
 from qwen3vl.parallel.groups import destroy_parallel, initialize_parallel
 from qwen3vl.parallel.layout import ParallelLayout
+from qwen3vl.train.config import RecomputeCfg
 from qwen3vl.train.freeze import apply_freeze, trainable_parts
 
 IMAGE_SIDE = 32  # patches per side of the measured row's image (1,024 patches, 256 LLM tokens)
@@ -139,7 +140,7 @@ def _count_saved(model: torch.nn.Module, parts: dict[str, torch.nn.Module]) -> I
         saved.clear()
 
 
-def measure(config: Qwen3VLConfig, recompute: Recompute, trainable=("all",), seq_length: int = 1024) -> Measured:
+def measure(config: Qwen3VLConfig, recompute: RecomputeCfg, trainable=("all",), seq_length: int = 1024) -> Measured:
     """One bf16 training step of ``cpu_sized(config)`` with the stage's trainable parts, on this process
     (a one-rank gloo group)."""
     from qwen3vl.model.build import build_model_chunks  # lazy: megatron takes seconds; only for --measure
@@ -149,7 +150,7 @@ def measure(config: Qwen3VLConfig, recompute: Recompute, trainable=("all",), seq
     layout = ParallelLayout()
     initialize_parallel(layout)
     try:
-        overrides = recompute.config().megatron_overrides()
+        overrides = recompute.megatron_overrides()
         [model] = build_model_chunks(small, torch.bfloat16, calculate_per_token_loss=True,
                                      vision_recompute=recompute.vision, **overrides)
         apply_freeze([model], list(trainable))

@@ -234,6 +234,13 @@ class RecomputeCfg:
             return dict(recompute_granularity="selective", recompute_modules=list(self.modules))
         return dict(recompute_granularity="full", recompute_method=self.method, recompute_num_layers=self.num_layers)
 
+    def redoes(self, module: str, moe_layer: bool = False) -> bool:
+        """Whether selective recompute redoes ``module`` of an LLM layer; ``"mlp"`` asks for the layer's MLP,
+        which in an MoE layer (``moe_layer``) is megatron's "moe" module (its "mlp" covers dense ones)."""
+        if module == "mlp" and moe_layer:
+            module = "moe"
+        return self.granularity == "selective" and module in self.modules
+
 
 @dataclass
 class TrainCfg:
