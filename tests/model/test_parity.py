@@ -98,6 +98,18 @@ def _parity_body(preset: str, recompute: str = "") -> dict:
     sum(loss.sum() for loss in ref_losses).backward()
     rows = real_positions(batch)
     result["loss"] = max(float((ours_loss[r] - ref).abs().max()) for r, ref in zip(rows, ref_losses))
+    # How often each part of the last layer runs in one forward and backward: twice where it is recomputed.
+    layer = model.decoder.layers[-1]
+    parts = {"layernorm": layer.input_layernorm, "pre_mlp_layernorm": layer.pre_mlp_layernorm,
+             "core_attn": layer.self_attention.core_attention,
+             "mlp": getattr(layer.mlp, "experts", layer.mlp)}  # an MoE layer recomputes inside: its experts
+    runs = dict.fromkeys(parts, 0)
+    hooks = [module.register_forward_hook(lambda *_, name=name: runs.__setitem__(name, runs[name] + 1))
+             for name, module in parts.items()]
+    stage_forward(model, model_inputs(batch), with_labels=True).sum().backward()
+    for handle in hooks:
+        handle.remove()
+    result["runs"] = runs
     padding = torch.ones(batch.seq_length, dtype=torch.bool)
     padding[torch.cat(rows)] = False
     result["loss_at_padding"] = float(ours_loss[padding].abs().max())
@@ -115,6 +127,16 @@ def _parity_body(preset: str, recompute: str = "") -> dict:
 def parity(request):
     preset, _, extra = request.param.partition("+")
     return run_distributed(_parity_body, world_size=1, timeout=300, preset=preset, recompute=extra)[0]
+
+
+def test_recompute_redoes_what_it_names_in_backward(parity, request):
+    preset, _, extra = request.node.callspec.params["parity"].partition("+")
+    every = {"layernorm", "pre_mlp_layernorm", "core_attn", "mlp"}
+    parts = {"layernorm": {"layernorm", "pre_mlp_layernorm"}, "core_attn": {"core_attn"}, "mlp": {"mlp"},
+             "moe": {"mlp"}}
+    modules = SELECTIVE["moe" if preset == "tiny-moe" else "dense"] if extra == "selective" else []
+    redone = every if extra == "recompute" else set().union(*(parts[m] for m in modules))
+    assert parity["runs"] == {name: 2 if name in redone else 1 for name in every}
 
 
 def test_converted_names_are_exactly_the_model_parameters(parity):

@@ -7,7 +7,9 @@ reference's initial weights (loaded through the resharding checkpoint path) on t
 whose rows alternate between media and text only (``alternating_rows``: the case that broke overlapped
 reduction), and must give the single-rank losses and gradient norms within 1e-5 relative, the same on every
 rank. Pairs of DP, TP (always with SP), PP, CP and, for MoE, EP and expert TP; plus PP2×VPP2 with CP2 on
-4 ranks, and TP2·PP2·CP2 (dense) and TP2·EP2·PP2 (MoE) on 8 ranks. The largest differences measured are
+4 ranks, TP2·CP2 (dense) and TP2·EP2 (MoE) with selective recompute of every module megatron offers
+(``train.recompute.modules``: the reference recomputes nothing), and TP2·PP2·CP2 (dense) and TP2·EP2·PP2
+(MoE) on 8 ranks. The largest differences measured are
 listed in docs/parallel.md.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ SP = ["parallel.tp=2", "parallel.sequence_parallel=true"]
 PP = ["parallel.pp=2", "parallel.pipeline_layers=[3,1]"]  # DeepStack: layers 0-2 on stage 0
 CP = ["parallel.cp=2"]
 EP = ["parallel.ep=2"]
+SELECTIVE = ["train.recompute.granularity=selective"]
 PAIRS = {
     "dp2-tp2": SP, "dp2-pp2": PP, "dp2-cp2": [*CP, "parallel.cp_comm_type=all_gather"], "tp2-pp2": [*SP, *PP],
     "tp2-cp2": [*SP, *CP], "pp2-cp2": [*PP, *CP],
@@ -33,6 +36,7 @@ PAIRS = {
 LAYOUTS = {
     **{("tiny", name): o for name, o in PAIRS.items()},
     ("tiny", "pp2-vpp2-cp2"): ["parallel.pp=2", "parallel.vpp=2", "parallel.pipeline_layers=[3,0,0,1]", *CP],
+    ("tiny", "tp2-cp2-selective"): [*SP, *CP, *SELECTIVE, "train.recompute.modules=[core_attn,layernorm,mlp]"],
     **{("tiny-moe", name): o for name, o in PAIRS.items()},
     ("tiny-moe", "dp4-ep2"): EP,
     ("tiny-moe", "tp2-ep2"): [*SP, *EP],  # expert TP = TP = 2
@@ -40,6 +44,7 @@ LAYOUTS = {
     ("tiny-moe", "ep2-etp2"): [*EP, "parallel.etp=2"],  # experts split over TP ranks the dense part has not
     ("tiny-moe", "pp2-ep2"): [*PP, *EP],
     ("tiny-moe", "cp2-ep2"): [*CP, *EP],
+    ("tiny-moe", "tp2-ep2-selective"): [*SP, *EP, *SELECTIVE, "train.recompute.modules=[core_attn,layernorm,moe]"],
 }
 EIGHT_RANKS = {("tiny", "tp2-pp2-cp2"): [*SP, *PP, *CP], ("tiny-moe", "tp2-ep2-pp2"): [*SP, *EP, *PP]}
 
