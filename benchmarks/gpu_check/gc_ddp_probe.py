@@ -11,12 +11,11 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from qwen3vl.model.build import build_model_chunks
-from qwen3vl.parallel.context_parallel import model_inputs
 from qwen3vl.parallel.groups import destroy_parallel
 from qwen3vl.parallel.layout import ParallelLayout
 from qwen3vl.parallel.zero1 import default_ddp_config, wrap_for_training
+from qwen3vl.train.app import forward_microbatch, microbatch_converter
 from qwen3vl.train.step import train_step
-from qwen3vl_testing.gpu import move
 from qwen3vl_testing.model_cases import SampleBuilder, named_config, pack_samples
 
 patch_te_general_gemm()
@@ -45,9 +44,8 @@ def probe(overlap: bool):
     done, error = [], None
     try:
         for kind, batch in rows(config):
-            mb = move(model_inputs(batch), DEVICE)
-            result = train_step(chunks, optimizer, scheduler, [mb], lambda m, x: m(**x), exponent=0.5,
-                                seq_length=int(mb["input_ids"].numel()))
+            mb = microbatch_converter(DEVICE)(batch)  # the trainer's own conversion and model call
+            result = train_step(chunks, optimizer, scheduler, [mb], forward_microbatch, exponent=0.5)
             done.append((kind, round(result.losses["lm loss"], 4)))
     except BaseException as err:  # noqa: BLE001 - the predicted failure is an AssertionError
         error = error_text(err)

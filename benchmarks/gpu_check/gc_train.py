@@ -20,17 +20,16 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from qwen3vl.model.attention_kernels import resolve_kernel
 from qwen3vl.model.build import build_model_chunks
 from qwen3vl.model.presets import get_preset
-from qwen3vl.parallel.context_parallel import model_inputs
 from qwen3vl.parallel.groups import destroy_parallel, initialize_parallel
 from qwen3vl.parallel.layout import ParallelLayout
 from qwen3vl.parallel.zero1 import wrap_for_training
+from qwen3vl.train.app import forward_microbatch, microbatch_converter
 from qwen3vl.train.checkpoint import TrainState
 from qwen3vl.train.flops import FlopDims, batch_flops, peak_tflops
 from qwen3vl.train.freeze import PartLR, apply_freeze, param_group_overrides
 from qwen3vl.train.loop import LoopConfig, LoopHooks, run_training
 from qwen3vl.train.metrics import MetricsWriter, read_metrics
 from qwen3vl.train.step import train_step
-from qwen3vl_testing.gpu import move
 from qwen3vl_testing.model_cases import SampleBuilder, pack_samples
 
 p = argparse.ArgumentParser()
@@ -109,15 +108,14 @@ def loader():
         i += 1
 
 
-def to_microbatch(batch):
-    return move(model_inputs(batch), DEVICE)
+to_microbatch = microbatch_converter(DEVICE)  # the trainer's own: CP share, pixels moved when the tower runs
 
 
 run_dir = os.path.join(os.environ.get("GC_RUNS", OUT), f"run_{args.preset}_{args.seq}_{args.recompute}")
 os.makedirs(run_dir, exist_ok=True)
 metrics = MetricsWriter(run_dir, total_steps=total, world_size=1, peak_tflops=peak_tflops() if ON_GPU else None,
                         enabled=True, label=f"{args.preset}/{args.recompute}")
-hooks = LoopHooks(to_microbatch=to_microbatch, run_model=lambda m, mb: m(**mb), count=count_row,
+hooks = LoopHooks(to_microbatch=to_microbatch, run_model=forward_microbatch, count=count_row,
                   flops=lambda b: batch_flops(dims, b).total)
 if ON_GPU:
     torch.cuda.reset_peak_memory_stats()
@@ -148,8 +146,7 @@ record("train", preset=args.preset, seq=args.seq, recompute=args.recompute, para
 
 def one_step():
     mb = to_microbatch(rows[0])
-    return train_step(ddp_chunks, optimizer, scheduler, [mb], lambda m, x: m(**x), exponent=0.5,
-                      seq_length=int(mb["input_ids"].numel()))
+    return train_step(ddp_chunks, optimizer, scheduler, [mb], forward_microbatch, exponent=0.5)
 
 
 if args.syncs and ON_GPU:

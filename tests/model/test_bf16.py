@@ -19,7 +19,7 @@ def _bf16_body(preset: str, device_name: str = "cpu") -> dict:
     from qwen3vl.model.interop.hf_weights import hf_to_mcore_state_dict
     from qwen3vl.model.presets import get_preset
     from qwen3vl.model.interop.state_dict_sharding import load_full_state_dict
-    from qwen3vl_testing.gpu import move, relative_error
+    from qwen3vl_testing.gpu import relative_error
     from qwen3vl_testing.model_cases import hf_forward, make_case, pack_samples, stage_forward
     from qwen3vl.parallel.context_parallel import model_inputs
     from qwen3vl.parallel.groups import initialize_parallel
@@ -33,7 +33,7 @@ def _bf16_body(preset: str, device_name: str = "cpu") -> dict:
     model.to(device)
     load_full_state_dict(model, hf_to_mcore_state_dict(hf.state_dict(), config))
     sample = make_case("image_video", config)
-    inputs = move(model_inputs(pack_samples([sample])), device)
+    inputs = model_inputs(pack_samples([sample])).to(device)
     with torch.no_grad():
         ours = stage_forward(model, inputs)
         theirs = hf_forward(hf, sample, device=device).logits[0]

@@ -9,8 +9,6 @@ not dominated by one large entry.
 """
 from __future__ import annotations
 
-from dataclasses import fields, is_dataclass, replace
-from typing import Any
 
 import pytest
 import torch
@@ -35,17 +33,6 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64, on the CPU."""
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
-
-
-def move(x: Any, device: torch.device | str) -> Any:
-    """Model inputs (tensors, PackedSeqParams and dicts of them) on ``device``, as the training loop moves them."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: move(v, device) for k, v in x.items()}
-    if is_dataclass(x) and not isinstance(x, type):
-        return replace(x, **{f.name: move(getattr(x, f.name), device) for f in fields(x) if f.init})
-    return x
 
 
 CASES = ("image", "images", "video", "text")
@@ -90,10 +77,11 @@ def tiny_model_outputs(preset: str, dtype_name: str, state: dict | None = None) 
                                                        model.state_dict().items() if isinstance(v, torch.Tensor)}}
     with torch.no_grad():
         for name, batch in tiny_rows(config).items():
-            result["logits"][name] = model(**dict(move(model_inputs(batch), device), labels=None)).float().cpu()
+            inputs = model_inputs(batch).to(device)
+            result["logits"][name] = model(**inputs.model_kwargs(with_labels=False)).float().cpu()
     batch = pack_samples([make_case("image_video", config, seed=4), make_case("text", config, seed=5)],
                          pad_multiple=4, tail=4)
-    loss = model(**move(model_inputs(batch), device))
+    loss = model(**model_inputs(batch).to(device).model_kwargs())
     loss.sum().backward()
     params = dict(model.named_parameters())
     result["loss"] = loss.detach().float().cpu()
